@@ -1,0 +1,348 @@
+"""JSON shapes exchanged with the auth service, shared by the client and the server.
+
+Where Teleport has an HTTP endpoint we use its path and shapes exactly
+(teleport-protocol.md §1, §2, §8). Renewal, impersonation and CA fetching,
+which Teleport does over gRPC, are our own JSON endpoints under ``/v1/bot/``,
+authenticated by mTLS with the current bot certificate; they reuse Teleport's
+``Certs`` shape so one decoder serves every issuing call.
+
+Encoding rules ("Go JSON"): byte fields are standard base64 with padding,
+times are RFC 3339 in UTC.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+PATH_FIND = "/webapi/find"
+PATH_FIND_V1 = "/v1/webapi/find"
+PATH_JOIN = "/v1/webapi/host/credentials"
+PATH_EXPORT = "/webapi/auth/export"
+PATH_RENEW = "/v1/bot/renew"
+PATH_CERTS = "/v1/bot/certs"
+PATH_CAS = "/v1/bot/cas"
+
+ROLE_BOT = "Bot"
+SIGNATURE_SUITE = "balanced-v1"
+
+CA_TYPES = ("host", "user", "db")
+
+
+class WireError(ValueError):
+    """A JSON document does not have the expected shape (the caller adds the URL)."""
+
+
+def b64encode(data: bytes) -> str:
+    """Standard base64 with padding, as Go encodes []byte."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def b64decode(value: object, what: str) -> bytes:
+    """Decode a Go []byte field; raise WireError naming ``what`` when it is not base64."""
+    if not isinstance(value, str):
+        raise WireError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise WireError(f"{what} is not valid base64") from None
+
+
+def format_time(t: datetime) -> str:
+    """RFC 3339 in UTC with a Z suffix."""
+    return t.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def parse_time(value: object, what: str) -> datetime:
+    """Parse an RFC 3339 time; raise WireError naming ``what`` otherwise."""
+    if not isinstance(value, str):
+        raise WireError(f"{what} must be an RFC 3339 string")
+    try:
+        t = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise WireError(f"{what} is not an RFC 3339 time") from None
+    if t.tzinfo is None:
+        raise WireError(f"{what} has no time zone")
+    return t.astimezone(UTC)
+
+
+def _str(obj: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = obj.get(key, None if required else "")
+    if not isinstance(value, str):
+        raise WireError(f"{key} must be a string")
+    return value
+
+
+def _b64_list(obj: dict[str, Any], key: str) -> tuple[bytes, ...]:
+    raw = obj.get(key) or []
+    if not isinstance(raw, list):
+        raise WireError(f"{key} must be a list")
+    return tuple(b64decode(v, f"{key}[{i}]") for i, v in enumerate(raw))
+
+
+def _object(doc: object) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise WireError("expected a JSON object")
+    return doc
+
+
+@dataclass(frozen=True)
+class Certs:
+    """Teleport's ``proto.Certs``: an SSH cert line, a TLS cert PEM and the CAs."""
+
+    ssh: bytes
+    tls: bytes
+    tls_ca_certs: tuple[bytes, ...] = ()
+    ssh_ca_certs: tuple[bytes, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "ssh": b64encode(self.ssh),
+            "tls": b64encode(self.tls),
+            "tls_ca_certs": [b64encode(c) for c in self.tls_ca_certs],
+            "ssh_ca_certs": [b64encode(c) for c in self.ssh_ca_certs],
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> Certs:
+        obj = _object(doc)
+        certs = cls(
+            ssh=b64decode(obj.get("ssh"), "ssh"),
+            tls=b64decode(obj.get("tls"), "tls"),
+            tls_ca_certs=_b64_list(obj, "tls_ca_certs"),
+            ssh_ca_certs=_b64_list(obj, "ssh_ca_certs"),
+        )
+        if not certs.ssh or not certs.tls:
+            raise WireError("response has no ssh or tls certificate")
+        return certs
+
+
+@dataclass(frozen=True)
+class PublicKeys:
+    """The same key twice: PKIX PEM for TLS and an authorized_keys line for SSH."""
+
+    tls: bytes
+    ssh: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"public_tls_key": b64encode(self.tls), "public_ssh_key": b64encode(self.ssh)}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> PublicKeys:
+        return cls(
+            tls=b64decode(obj.get("public_tls_key"), "public_tls_key"),
+            ssh=b64decode(obj.get("public_ssh_key"), "public_ssh_key"),
+        )
+
+
+def _optional_expires(obj: dict[str, Any]) -> datetime | None:
+    raw = obj.get("expires")
+    return None if raw in (None, "") else parse_time(raw, "expires")
+
+
+@dataclass(frozen=True)
+class RegisterUsingTokenRequest:
+    """``POST /v1/webapi/host/credentials`` (Teleport's ``types.RegisterUsingTokenRequest``)."""
+
+    token: str
+    keys: PublicKeys
+    role: str = ROLE_BOT
+    expires: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "hostID": "",
+            "node_name": "",
+            "role": self.role,
+            "token": self.token,
+        }
+        doc.update(self.keys.to_json())
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> RegisterUsingTokenRequest:
+        obj = _object(doc)
+        return cls(
+            token=_str(obj, "token"),
+            role=_str(obj, "role"),
+            keys=PublicKeys.from_json(obj),
+            expires=_optional_expires(obj),
+        )
+
+
+@dataclass(frozen=True)
+class RenewRequest:
+    """``POST /v1/bot/renew``: a fresh key for the bot's own renewable identity."""
+
+    keys: PublicKeys
+    expires: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.keys.to_json()
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> RenewRequest:
+        obj = _object(doc)
+        return cls(keys=PublicKeys.from_json(obj), expires=_optional_expires(obj))
+
+
+@dataclass(frozen=True)
+class ImpersonateRequest:
+    """``POST /v1/bot/certs``: an impersonated, non-renewable identity for an output.
+
+    An empty ``role_requests`` means every role the bot holds.
+    """
+
+    keys: PublicKeys
+    expires: datetime | None = None
+    role_requests: tuple[str, ...] = ()
+    reissuable: bool = False
+    route_to_cluster: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.keys.to_json()
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        doc["role_requests"] = list(self.role_requests)
+        doc["reissuable"] = self.reissuable
+        doc["route_to_cluster"] = self.route_to_cluster
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> ImpersonateRequest:
+        obj = _object(doc)
+        roles = obj.get("role_requests") or []
+        if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+            raise WireError("role_requests must be a list of strings")
+        reissuable = obj.get("reissuable", False)
+        if not isinstance(reissuable, bool):
+            raise WireError("reissuable must be a boolean")
+        return cls(
+            keys=PublicKeys.from_json(obj),
+            expires=_optional_expires(obj),
+            role_requests=tuple(roles),
+            reissuable=reissuable,
+            route_to_cluster=_str(obj, "route_to_cluster", required=False),
+        )
+
+
+@dataclass(frozen=True)
+class CertAuthority:
+    """One CA as returned by ``GET /v1/bot/cas``: PEM certs and SSH public key lines."""
+
+    type: str
+    cluster_name: str
+    tls_certs: tuple[bytes, ...] = ()
+    ssh_public_keys: tuple[bytes, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "cluster_name": self.cluster_name,
+            "tls_certs": [c.decode() for c in self.tls_certs],
+            "ssh_public_keys": [k.decode() for k in self.ssh_public_keys],
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> CertAuthority:
+        obj = _object(doc)
+
+        def texts(key: str) -> tuple[bytes, ...]:
+            raw = obj.get(key) or []
+            if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+                raise WireError(f"{key} must be a list of strings")
+            return tuple(v.encode() for v in raw)
+
+        return cls(
+            type=_str(obj, "type"),
+            cluster_name=_str(obj, "cluster_name"),
+            tls_certs=texts("tls_certs"),
+            ssh_public_keys=texts("ssh_public_keys"),
+        )
+
+
+def cert_authorities_to_json(cas: list[CertAuthority]) -> dict[str, Any]:
+    return {"cert_authorities": [ca.to_json() for ca in cas]}
+
+
+def cert_authorities_from_json(doc: object) -> list[CertAuthority]:
+    raw = _object(doc).get("cert_authorities")
+    if not isinstance(raw, list):
+        raise WireError("cert_authorities must be a list")
+    return [CertAuthority.from_json(item) for item in raw]
+
+
+@dataclass(frozen=True)
+class PingResponse:
+    """The parts of ``/webapi/find`` (``webclient.PingResponse``) the daemon uses."""
+
+    cluster_name: str
+    server_version: str
+    proxy_public_addr: str = ""
+    tls_routing_enabled: bool = False
+    signature_algorithm_suite: str = SIGNATURE_SUITE
+    min_client_version: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "auth": {"signature_algorithm_suite": self.signature_algorithm_suite},
+            "proxy": {
+                "kube": {"enabled": False},
+                "ssh": {
+                    "listen_addr": self.proxy_public_addr,
+                    "public_addr": self.proxy_public_addr,
+                    "web_listen_addr": self.proxy_public_addr,
+                },
+                "db": {},
+                "tls_routing_enabled": self.tls_routing_enabled,
+            },
+            "server_version": self.server_version,
+            "min_client_version": self.min_client_version,
+            "cluster_name": self.cluster_name,
+            "auto_update": {"tools_auto_update": False, "agent_auto_update": False},
+            "edition": "community",
+            "fips": False,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> PingResponse:
+        obj = _object(doc)
+        proxy = obj.get("proxy") or {}
+        ssh = proxy.get("ssh") or {} if isinstance(proxy, dict) else {}
+        auth = obj.get("auth") or {}
+        suite = auth.get("signature_algorithm_suite", "") if isinstance(auth, dict) else ""
+        public_addr = ssh.get("public_addr", "") if isinstance(ssh, dict) else ""
+        return cls(
+            cluster_name=_str(obj, "cluster_name"),
+            server_version=_str(obj, "server_version", required=False),
+            proxy_public_addr=public_addr if isinstance(public_addr, str) else "",
+            tls_routing_enabled=bool(proxy.get("tls_routing_enabled", False))
+            if isinstance(proxy, dict)
+            else False,
+            # The suite may be a string on find or an integer on ping (teleport-protocol.md §1).
+            signature_algorithm_suite=str(suite) if suite not in (None, "", 0) else "legacy",
+            min_client_version=_str(obj, "min_client_version", required=False),
+        )
+
+
+def error_body(message: str) -> dict[str, Any]:
+    """Teleport's trace error body."""
+    return {"error": {"message": message}}
+
+
+def error_message(doc: object) -> str | None:
+    """The message of a trace error body, or None when ``doc`` is not one."""
+    if isinstance(doc, dict):
+        err = doc.get("error")
+        if isinstance(err, dict) and isinstance(err.get("message"), str):
+            return str(err["message"])
+    return None
