@@ -84,7 +84,7 @@ class ConnectionProblem(ClientError):
 
 
 class TrustError(ClientError):
-    """The server could not be authenticated: CA pin mismatch or certificate verification failure."""
+    """The server could not be authenticated: CA pin mismatch or failed certificate check."""
 
 
 class ProtocolError(ClientError):
