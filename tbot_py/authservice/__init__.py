@@ -1,1 +1,15 @@
-"""authservice"""
+"""The cluster side of tbot-py: CAs, bots, join tokens and the HTTPS auth service.
+
+Layout, from the inside out:
+
+* :mod:`.errors`  - server-side errors, each mapped to Teleport's HTTP status.
+* :mod:`.ca`      - the cluster's certificate authorities and every certificate
+  template (pure: the caller passes keys and ``now``).
+* :mod:`.storage` - SQLite state: bots, hashed join tokens, bot instances.
+* :mod:`.cluster` - the data directory: CA key files, the database, the init lock.
+* :mod:`.admin`   - offline admin operations (add bot, add token, list, remove).
+* :mod:`.app`     - the aiohttp application: handlers, mTLS caller checks, errors.
+* :mod:`.server`  - TLS context and running the service (foreground or in a thread).
+
+The daemon never imports this package.
+"""

@@ -1,0 +1,364 @@
+"""The auth service's HTTPS API: an aiohttp application.
+
+Endpoints (shapes in :mod:`tbot_py.client.wire`):
+
+* ``GET /webapi/find`` (and ``/v1/...``): cluster name and version, unauthenticated.
+* ``GET /webapi/auth/export?type=...`` (and ``/v1/...``): CA export, plain text.
+* ``POST /v1/webapi/host/credentials``: token join, unauthenticated.
+* ``POST /v1/bot/renew``, ``POST /v1/bot/certs``, ``GET /v1/bot/cas``: mTLS with
+  the bot's own (renewable, not impersonated) certificate.
+
+Every error is ``{"error": {"message": ...}}`` with Teleport's status code,
+except on the export endpoint, which answers in plain text as Teleport does.
+Messages never echo a token or a key; unexpected failures become a bare 500
+and their traceback goes to the server log only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import tbot_py
+from tbot_py.authservice import ca
+from tbot_py.authservice.cluster import Cluster
+from tbot_py.authservice.errors import AccessDenied, AuthServiceError, BadParameter
+from tbot_py.authservice.storage import TOKEN_NOT_VALID, BotRecord
+from tbot_py.client import wire
+from tbot_py.errors import IdentityError
+from tbot_py.identity import keys
+from tbot_py.identity.tlsid import TLSIdentity
+
+log = logging.getLogger("tbot_py.authservice")
+
+MAX_BODY_BYTES = 64 * 1024
+
+Clock = Callable[[], datetime]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def utc_now() -> datetime:
+    """The real clock; tests pass their own."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class BotCaller:
+    """A verified mTLS caller: the bot's own identity and when its certificate expires."""
+
+    identity: TLSIdentity
+    not_after: datetime
+
+
+def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
+    """Accept only the bot's own, current, renewable certificate from this cluster.
+
+    TLS has already verified the chain against the user CA; this repeats the
+    signature and validity checks with ``now`` so the rules do not depend on
+    the TLS configuration, then checks the identity. Raises AccessDenied.
+    """
+    if not der:
+        raise AccessDenied("client certificate required")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.verify_directly_issued_by(cas.user.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise AccessDenied("client certificate was not issued by this cluster") from None
+    if now < cert.not_valid_before_utc or now >= cert.not_valid_after_utc:
+        raise AccessDenied("client certificate has expired or is not yet valid")
+    identity = TLSIdentity.from_subject(cert.subject)
+    if identity.impersonator:
+        raise AccessDenied(
+            "impersonated certificates can not be used here; present the bot's own certificate"
+        )
+    if (
+        not identity.bot_name
+        or not identity.bot_instance_id
+        or identity.username != ca.bot_username(identity.bot_name)
+    ):
+        raise AccessDenied("client certificate is not a bot certificate")
+    if not identity.renewable:
+        raise AccessDenied("client certificate is not a renewable bot certificate")
+    return BotCaller(identity=identity, not_after=cert.not_valid_after_utc)
+
+
+def requested_public_key(public_keys: wire.PublicKeys) -> keys.PublicKey:
+    """The one P-256 key a request carries as PEM and as an SSH line; BadParameter otherwise."""
+    try:
+        tls_key = keys.load_public_key_pem(public_keys.tls)
+    except IdentityError:
+        raise BadParameter("public_tls_key is not a PEM ECDSA public key") from None
+    if not isinstance(tls_key.curve, ec.SECP256R1):
+        raise BadParameter("public_tls_key must be an ECDSA P-256 key")
+    try:
+        ssh_key = keys.load_ssh_public_key_line(public_keys.ssh)
+    except IdentityError:
+        raise BadParameter("public_ssh_key is not an ECDSA authorized_keys line") from None
+    if not keys.same_public_key(tls_key, ssh_key):
+        raise BadParameter("public_tls_key and public_ssh_key are not the same key")
+    return tls_key
+
+
+class AuthAPI:
+    """The request handlers, bound to one opened cluster."""
+
+    def __init__(self, cluster: Cluster, *, public_addr: str, clock: Clock = utc_now) -> None:
+        self.cluster = cluster
+        self.public_addr = public_addr
+        self.clock = clock
+
+    # -- unauthenticated ------------------------------------------------------------
+
+    async def find(self, request: web.Request) -> web.Response:
+        """``GET /webapi/find``: what the daemon learns before joining."""
+        ping = wire.PingResponse(
+            cluster_name=self.cluster.name,
+            server_version=tbot_py.__version__,
+            proxy_public_addr=self.public_addr,
+        )
+        return web.json_response(ping.to_json())
+
+    async def export(self, request: web.Request) -> web.Response:
+        """``GET /webapi/auth/export``: CA certificates and SSH CA lines, errors in plain text."""
+        if request.query.get("format", "") not in ("", "text"):
+            return web.Response(status=400, text="only format=text is supported\n")
+        try:
+            body = ca.export_authority(self.cluster.cas, request.query.get("type", ""))
+        except BadParameter as exc:
+            return web.Response(status=400, text=exc.message + "\n")
+        return web.Response(
+            body=body,
+            content_type="text/plain",
+            headers={"Content-Disposition": 'attachment; filename="authorized_hosts.txt"'},
+        )
+
+    async def join(self, request: web.Request) -> web.Response:
+        """``POST /v1/webapi/host/credentials``: spend a join token, get the bot's identity."""
+        with _audit("bot.join", request) as fields:
+            req = wire.RegisterUsingTokenRequest.from_json(await _read_json(request))
+            if req.role != wire.ROLE_BOT:
+                raise BadParameter(f'the token does not allow "{req.role[:64]}" role')
+            public_key = requested_public_key(req.keys)
+            now = self.clock()
+            expires = ca.grant_expiry(req.expires, now)
+            if not req.token:
+                raise AccessDenied(TOKEN_NOT_VALID)
+            instance_id = str(uuid.uuid4())
+            bot = await asyncio.to_thread(
+                self.cluster.storage.consume_token,
+                keys.token_hash(req.token),
+                instance_id=instance_id,
+                now=now,
+            )
+            fields.update(bot=bot.name, instance=instance_id, generation=1)
+            certs = ca.issue_bot_identity(
+                self.cluster.cas,
+                bot.profile,
+                instance_id=instance_id,
+                generation=1,
+                public_key=public_key,
+                expires=expires,
+                now=now,
+            )
+            fields["expires"] = wire.format_time(expires)
+        return web.json_response(certs.to_json())
+
+    # -- mTLS: the bot's own certificate ----------------------------------------------
+
+    async def renew(self, request: web.Request) -> web.Response:
+        """``POST /v1/bot/renew``: a new bot identity for a new key; bumps the generation."""
+        with _audit("bot.renew", request) as fields:
+            now = self.clock()
+            caller = self._caller(request, now, fields)
+            req = wire.RenewRequest.from_json(await _read_json(request))
+            public_key = requested_public_key(req.keys)
+            expires = ca.grant_expiry(req.expires, now)
+            bot = await self._bot(caller)
+            ident = caller.identity
+            # Checked and bumped in one transaction: a certificate renews at most once.
+            generation = await asyncio.to_thread(
+                self.cluster.storage.advance_generation,
+                bot.name,
+                ident.bot_instance_id,
+                ident.generation,
+                now,
+            )
+            fields["generation"] = generation
+            certs = ca.issue_bot_identity(
+                self.cluster.cas,
+                bot.profile,
+                instance_id=ident.bot_instance_id,
+                generation=generation,
+                public_key=public_key,
+                expires=expires,
+                now=now,
+            )
+            fields["expires"] = wire.format_time(expires)
+        return web.json_response(certs.to_json())
+
+    async def certs(self, request: web.Request) -> web.Response:
+        """``POST /v1/bot/certs``: an impersonated identity for an output."""
+        with _audit("bot.issue", request) as fields:
+            now = self.clock()
+            caller = self._caller(request, now, fields)
+            req = wire.ImpersonateRequest.from_json(await _read_json(request))
+            public_key = requested_public_key(req.keys)
+            bot = await self._known_instance(caller, now)
+            roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
+            for role in roles:
+                if role not in bot.roles:
+                    raise AccessDenied(f'role "{role[:64]}" is not allowed for bot "{bot.name}"')
+            fields["roles"] = ",".join(roles)
+            # An output never outlives the bot identity that asked for it.
+            expires = ca.grant_expiry(req.expires, now, not_after=caller.not_after)
+            certs = ca.issue_impersonated_identity(
+                self.cluster.cas,
+                bot.profile,
+                instance_id=caller.identity.bot_instance_id,
+                roles=roles,
+                public_key=public_key,
+                expires=expires,
+                reissuable=req.reissuable,
+                route_to_cluster=req.route_to_cluster,
+                now=now,
+            )
+            fields["expires"] = wire.format_time(expires)
+        return web.json_response(certs.to_json())
+
+    async def cas(self, request: web.Request) -> web.Response:
+        """``GET /v1/bot/cas``: the cluster's host, user and database CAs."""
+        now = self.clock()
+        await self._known_instance(self._caller(request, now, {}), now)
+        cas = self.cluster.cas
+        name = self.cluster.name
+        authorities = [
+            wire.CertAuthority(
+                "host",
+                name,
+                tls_certs=(cas.host.cert_pem,),
+                ssh_public_keys=(cas.host.ssh_public_key_line,),
+            ),
+            wire.CertAuthority(
+                "user",
+                name,
+                tls_certs=(cas.user.cert_pem,),
+                ssh_public_keys=(cas.user.ssh_public_key_line,),
+            ),
+            wire.CertAuthority("db", name, tls_certs=(cas.db.cert_pem,)),
+        ]
+        return web.json_response(wire.cert_authorities_to_json(authorities))
+
+    def _caller(self, request: web.Request, now: datetime, fields: dict[str, Any]) -> BotCaller:
+        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        caller = check_bot_certificate(der, self.cluster.cas, now)
+        fields.update(
+            bot=caller.identity.bot_name,
+            instance=caller.identity.bot_instance_id,
+            generation=caller.identity.generation,
+        )
+        return caller
+
+    async def _bot(self, caller: BotCaller) -> BotRecord:
+        name = caller.identity.bot_name
+        bot = await asyncio.to_thread(self.cluster.storage.get_bot, name)
+        if bot is None:
+            raise AccessDenied(f'bot "{name}" no longer exists')
+        return bot
+
+    async def _known_instance(self, caller: BotCaller, now: datetime) -> BotRecord:
+        bot = await self._bot(caller)
+        instance_id = caller.identity.bot_instance_id
+        seen = await asyncio.to_thread(
+            self.cluster.storage.touch_instance, bot.name, instance_id, now
+        )
+        if not seen:
+            raise AccessDenied(f"bot instance {bot.name}/{instance_id} not found")
+        return bot
+
+
+def create_app(cluster: Cluster, *, public_addr: str, clock: Clock = utc_now) -> web.Application:
+    """The aiohttp application serving ``cluster``; ``public_addr`` is what find reports."""
+    api = AuthAPI(cluster, public_addr=public_addr, clock=clock)
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_error_middleware])
+    for prefix in ("", "/v1"):
+        app.router.add_get(prefix + wire.PATH_FIND, api.find)
+        app.router.add_get(prefix + wire.PATH_EXPORT, api.export)
+        app.router.add_post(prefix + "/webapi/host/credentials", api.join)
+    app.router.add_post(wire.PATH_RENEW, api.renew)
+    app.router.add_post(wire.PATH_CERTS, api.certs)
+    app.router.add_get(wire.PATH_CAS, api.cas)
+    return app
+
+
+def _json_error(status: int, message: str) -> web.Response:
+    return web.json_response(wire.error_body(message), status=status)
+
+
+@web.middleware
+async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except AuthServiceError as exc:
+        status, message = exc.status, exc.message
+    except wire.WireError as exc:
+        # WireError messages name the field, never its value.
+        status, message = 400, str(exc)
+    except web.HTTPException as exc:
+        status, message = (
+            exc.status,
+            {
+                404: "route not found",
+                405: f"method {request.method} is not allowed on {request.path}",
+            }.get(exc.status, exc.reason),
+        )
+    except Exception:
+        log.exception("internal error serving %s %s", request.method, request.path)
+        status, message = 500, "internal server error"
+    return _json_error(status, message)
+
+
+async def _read_json(request: web.Request) -> object:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise BadParameter(f"request body is larger than {MAX_BODY_BYTES} bytes") from None
+    try:
+        return json.loads(raw)
+    except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
+        raise BadParameter("request body is not valid JSON") from None
+
+
+@contextmanager
+def _audit(event: str, request: web.Request) -> Iterator[dict[str, Any]]:
+    """Log one INFO line per join/renew/issue with its outcome; never a token or key."""
+    fields: dict[str, Any] = {}
+    remote = request.remote or "-"
+
+    def line() -> str:
+        names = ("bot", "instance", "generation", "roles", "expires")
+        parts = [f"{k}={fields[k]}" for k in names if k in fields]
+        return " ".join([*parts, f"remote={remote}"])
+
+    try:
+        yield fields
+    except (AuthServiceError, wire.WireError) as exc:
+        status = exc.status if isinstance(exc, AuthServiceError) else 400
+        log.info("%s result=denied status=%d %s reason=%r", event, status, line(), str(exc))
+        raise
+    except Exception:
+        log.info("%s result=error %s", event, line())
+        raise
+    log.info("%s result=ok %s", event, line())

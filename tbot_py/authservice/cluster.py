@@ -1,0 +1,238 @@
+"""The auth service's data directory: CA keys, the state database and the init lock.
+
+Layout (directory 0700, every file 0600)::
+
+    DIR/init.lock                 flock held while creating or loading the cluster
+    DIR/state.db (+ -wal, -shm)   SQLite state, including the cluster name
+    DIR/{user,host,db}_ca.key     CA private keys, PKCS#8 PEM
+    DIR/{user,host,db}_ca.crt     CA certificates, PEM
+    DIR/server.key                HTTPS server key, new on every start
+    DIR/server.crt                HTTPS server certificate + host CA certificate
+
+The first command to use a directory creates the cluster while holding an
+exclusive flock on ``init.lock``, so two processes started together cannot
+create two sets of CAs. The cluster name is written to the database last: a
+directory without it was never completely initialised and is initialised again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import secrets
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+
+from tbot_py.authservice.ca import (
+    CA_TYPES,
+    Authority,
+    ClusterCAs,
+    create_cluster_cas,
+    issue_server_certificate,
+)
+from tbot_py.authservice.errors import AuthServiceError, BadParameter, ClusterNotInitialized
+from tbot_py.authservice.storage import Storage
+from tbot_py.errors import IdentityError
+from tbot_py.identity import keys
+
+DEFAULT_CLUSTER_NAME = "tbot-py.local"
+STATE_DB = "state.db"
+INIT_LOCK = "init.lock"
+SERVER_KEY = "server.key"
+SERVER_CERT = "server.crt"
+_META_CLUSTER_NAME = "cluster_name"
+
+# A DNS-like name: it appears in host CA export lines and in certificate subjects.
+_CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+
+
+class DataDirError(AuthServiceError):
+    """The data directory cannot be used (damaged, unreadable)."""
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """An opened data directory: the cluster name, its CAs and its state."""
+
+    data_dir: Path
+    name: str
+    cas: ClusterCAs
+    storage: Storage
+
+    @property
+    def ca_pin(self) -> str:
+        """The CA pin clients use on first contact (the host CA's SPKI hash)."""
+        return self.cas.ca_pin
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """Where the freshly issued HTTPS server key and certificate chain were written."""
+
+    cert_path: Path
+    key_path: Path
+
+
+def ca_key_path(data_dir: Path, ca_type: str) -> Path:
+    """The private key file of CA ``ca_type``."""
+    return data_dir / f"{ca_type}_ca.key"
+
+
+def ca_cert_path(data_dir: Path, ca_type: str) -> Path:
+    """The certificate file of CA ``ca_type``."""
+    return data_dir / f"{ca_type}_ca.crt"
+
+
+def open_cluster(
+    data_dir: Path,
+    *,
+    cluster_name: str | None = None,
+    create: bool = True,
+    now: datetime | None = None,
+) -> Cluster:
+    """Open the cluster in ``data_dir``, creating directory, CAs and database on first use.
+
+    ``cluster_name`` (default :data:`DEFAULT_CLUSTER_NAME`) names a new
+    cluster; for an existing one it must match. With ``create=False`` a
+    directory without a cluster raises ClusterNotInitialized.
+    """
+    if cluster_name is not None:
+        validate_cluster_name(cluster_name)
+    if not create and not (data_dir / STATE_DB).is_file():
+        raise ClusterNotInitialized(_not_initialized(data_dir))
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with _init_lock(data_dir):
+        storage = Storage.open(data_dir / STATE_DB)
+        existing = storage.get_meta(_META_CLUSTER_NAME)
+        if existing is None:
+            if not create:
+                raise ClusterNotInitialized(_not_initialized(data_dir))
+            name = cluster_name or DEFAULT_CLUSTER_NAME
+            cas = _create_cluster(data_dir, storage, name, now or datetime.now(UTC))
+        else:
+            if cluster_name is not None and cluster_name != existing:
+                raise BadParameter(
+                    f"{data_dir} already holds cluster {existing!r}, not {cluster_name!r}; "
+                    "drop --cluster-name or use another --data-dir"
+                )
+            cas = _load_cas(data_dir, existing)
+    return Cluster(data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=storage)
+
+
+def read_ca_pin(data_dir: Path) -> str:
+    """The CA pin of an existing cluster; ClusterNotInitialized when there is none."""
+    return open_cluster(data_dir, create=False).ca_pin
+
+
+def validate_cluster_name(name: str) -> None:
+    """Raise BadParameter unless ``name`` is a DNS-like cluster name."""
+    if not _CLUSTER_NAME_RE.match(name):
+        raise BadParameter(
+            f"invalid cluster name {name!r}: use letters, digits, '.' and '-', "
+            "starting and ending with a letter or digit"
+        )
+
+
+def write_server_credentials(
+    cluster: Cluster, hosts: Iterable[str], now: datetime | None = None
+) -> ServerCredentials:
+    """Issue a fresh HTTPS server key and certificate for ``hosts`` and save them (0600).
+
+    The certificate file holds the leaf followed by the host CA certificate,
+    the chain the server presents.
+    """
+    now = now or datetime.now(UTC)
+    key = keys.generate_private_key()
+    cert = issue_server_certificate(cluster.cas, key.public_key(), hosts=hosts, now=now)
+    creds = ServerCredentials(
+        cert_path=cluster.data_dir / SERVER_CERT, key_path=cluster.data_dir / SERVER_KEY
+    )
+    with _init_lock(cluster.data_dir):
+        write_private_file(creds.key_path, keys.private_key_pem(key))
+        write_private_file(
+            creds.cert_path,
+            cert.public_bytes(serialization.Encoding.PEM) + cluster.cas.host.cert_pem,
+        )
+    return creds
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600: temp file, fsync, rename, fsync dir."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _create_cluster(data_dir: Path, storage: Storage, name: str, now: datetime) -> ClusterCAs:
+    # The directory may have existed (an empty dir made by the admin); it holds CA keys now.
+    os.chmod(data_dir, 0o700)
+    cas = create_cluster_cas(name, now)
+    for ca_type in CA_TYPES:
+        authority = cas.authority(ca_type)
+        write_private_file(ca_key_path(data_dir, ca_type), authority.key_pem)
+        write_private_file(ca_cert_path(data_dir, ca_type), authority.cert_pem)
+    # Last: its presence marks the directory as completely initialised.
+    storage.set_meta(_META_CLUSTER_NAME, name)
+    return cas
+
+
+def _load_cas(data_dir: Path, name: str) -> ClusterCAs:
+    authorities: dict[str, Authority] = {}
+    for ca_type in CA_TYPES:
+        key_path, cert_path = ca_key_path(data_dir, ca_type), ca_cert_path(data_dir, ca_type)
+        try:
+            authorities[ca_type] = Authority.from_pem(
+                ca_type, key_path.read_bytes(), cert_path.read_bytes()
+            )
+        except (OSError, ValueError, IdentityError) as exc:
+            # None of these messages carries key material.
+            raise DataDirError(
+                f"cannot load the {ca_type} CA from {data_dir}: {exc}; "
+                "restore the data directory from a backup"
+            ) from None
+    return ClusterCAs(
+        cluster_name=name,
+        user=authorities["user"],
+        host=authorities["host"],
+        db=authorities["db"],
+    )
+
+
+def _not_initialized(data_dir: Path) -> str:
+    return (
+        f"no cluster in {data_dir}; create one with "
+        f"'tbot-py auth start --data-dir {data_dir}' or 'tbot-py auth bots add'"
+    )
+
+
+@contextmanager
+def _init_lock(data_dir: Path) -> Iterator[None]:
+    fd = os.open(data_dir / INIT_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

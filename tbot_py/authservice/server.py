@@ -1,0 +1,263 @@
+"""Running the auth service: TLS context, listening socket, foreground and in-thread modes.
+
+On every start the server gets a fresh HTTPS key and certificate from the host
+CA (saved in the data directory), so clients that pinned the host CA trust it.
+Client certificates are optional at the TLS layer (the token join has none)
+and, when present, must chain to the user CA; the handlers decide which
+endpoints need one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import ssl
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+from aiohttp import web
+
+from tbot_py.authservice.app import Clock, create_app, utc_now
+from tbot_py.authservice.cluster import (
+    Cluster,
+    ServerCredentials,
+    open_cluster,
+    write_server_credentials,
+)
+from tbot_py.authservice.errors import BadParameter
+
+log = logging.getLogger("tbot_py.authservice")
+
+#: How long stopping waits for in-flight requests.
+SHUTDOWN_TIMEOUT_S = 2.0
+START_TIMEOUT_S = 30.0
+
+
+def parse_host_port(value: str, *, what: str, port_required: bool = True) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); BadParameter naming ``what`` otherwise.
+
+    Without ``port_required`` a bare host (or bare IPv6 address) is accepted and the port is 0.
+    """
+    text = value.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if closed and rest.startswith(":"):
+            port_text = rest[1:]
+        elif not closed or rest:
+            host = ""
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:  # a bare name, or an unbracketed IPv6 address
+        host = text
+    if port_text is None and not port_required:
+        port_text = "0"
+    if not host or not port_text or not port_text.isdigit() or int(port_text) > 65535:
+        form = "HOST:PORT" if port_required else "HOST[:PORT]"
+        raise BadParameter(f"invalid {what} {value!r}: use {form}, e.g. 127.0.0.1:3025")
+    return host, int(port_text)
+
+
+def format_host_port(host: str, port: int) -> str:
+    """``host:port``, bracketing IPv6 addresses."""
+    try:
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    except ValueError:
+        pass
+    return f"{host}:{port}"
+
+
+def server_tls_context(cluster: Cluster, creds: ServerCredentials) -> ssl.SSLContext:
+    """TLS 1.2+, our host-CA certificate, and optional client certificates from the user CA."""
+    ctx = ssl.create_default_context(
+        ssl.Purpose.CLIENT_AUTH, cadata=cluster.cas.user.cert_pem.decode()
+    )
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.load_cert_chain(creds.cert_path, creds.key_path)
+    return ctx
+
+
+class _Listener:
+    """A bound socket plus everything derived from its address."""
+
+    def __init__(self, listen: str, public_addrs: Sequence[str]) -> None:
+        self.host, port = parse_host_port(listen, what="--listen address")
+        self.public_hosts = [
+            parse_host_port(a, what="--public-addr", port_required=False)[0] for a in public_addrs
+        ]
+        self.public_addrs = list(public_addrs)
+        try:
+            infos = socket.getaddrinfo(
+                self.host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+            family, _, _, _, sockaddr = infos[0]
+            self.sock = socket.create_server(sockaddr, family=family)
+        except OSError as exc:
+            raise BadParameter(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        bound = self.sock.getsockname()
+        self.addr = format_host_port(str(bound[0]), int(bound[1]))
+
+    @property
+    def sans(self) -> list[str]:
+        return [self.host, *self.public_hosts, socket.gethostname()]
+
+    @property
+    def public_addr(self) -> str:
+        return self.public_addrs[0] if self.public_addrs else self.addr
+
+
+async def _run(
+    cluster: Cluster,
+    listener: _Listener,
+    stop: asyncio.Event,
+    on_ready: Callable[[str], None],
+    clock: Clock,
+) -> None:
+    try:
+        creds = write_server_credentials(cluster, listener.sans)
+        ctx = server_tls_context(cluster, creds)
+        app = create_app(cluster, public_addr=listener.public_addr, clock=clock)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        try:
+            site = web.SockSite(
+                runner, listener.sock, ssl_context=ctx, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+            )
+            await site.start()
+            log.info(
+                "auth service for cluster %s listening on https://%s",
+                cluster.name,
+                listener.addr,
+            )
+            on_ready(listener.addr)
+            await stop.wait()
+            log.info("auth service stopping")
+        finally:
+            await runner.cleanup()
+    finally:
+        listener.sock.close()
+
+
+def serve(
+    data_dir: Path,
+    listen: str,
+    *,
+    cluster_name: str | None = None,
+    public_addrs: Sequence[str] = (),
+) -> None:
+    """Run the auth service in the foreground until SIGTERM or SIGINT.
+
+    When it is listening, print one JSON line ``{"addr": ..., "ca_pin": ...}``
+    on stdout. Raises AuthServiceError for a bad address or data directory.
+    """
+    cluster = open_cluster(data_dir, cluster_name=cluster_name)
+    listener = _Listener(listen, public_addrs)
+
+    def ready(addr: str) -> None:
+        sys.stdout.write(json.dumps({"addr": addr, "ca_pin": cluster.ca_pin}) + "\n")
+        sys.stdout.flush()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await _run(cluster, listener, stop, ready, utc_now)
+
+    asyncio.run(main())
+
+
+class RunningAuthService:
+    """An auth service running on its own event loop in a daemon thread.
+
+    ``addr`` is the bound ``host:port``; ``stop()`` (or leaving the ``with``
+    block) shuts it down and waits for the thread.
+    """
+
+    def __init__(self, cluster: Cluster, listener: _Listener, clock: Clock) -> None:
+        self.cluster = cluster
+        self.cluster_name = cluster.name
+        self.ca_pin = cluster.ca_pin
+        self.data_dir = cluster.data_dir
+        self.addr = listener.addr
+        self._listener = listener
+        self._clock = clock
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._main, name="tbot-py-auth", daemon=True)
+
+    def _start(self) -> None:
+        self._thread.start()
+        if not self._ready.wait(START_TIMEOUT_S):
+            raise RuntimeError("auth service did not start in time")
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _main(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await _run(self.cluster, self._listener, self._stop, self._on_ready, self._clock)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            if not self._ready.is_set():
+                self._error = exc
+            else:
+                log.exception("auth service thread failed")
+        finally:
+            self._ready.set()
+
+    def _on_ready(self, addr: str) -> None:
+        self._ready.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and wait for the thread to end."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(stop.set)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> RunningAuthService:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def start_in_thread(
+    data_dir: Path,
+    listen: str = "127.0.0.1:0",
+    cluster_name: str | None = None,
+    *,
+    public_addrs: Sequence[str] = (),
+    clock: Clock = utc_now,
+) -> RunningAuthService:
+    """Start the auth service in a background thread; return once it is listening.
+
+    For the demo and tests. ``clock`` replaces the real time in request handling.
+    """
+    cluster = open_cluster(data_dir, cluster_name=cluster_name)
+    service = RunningAuthService(cluster, _Listener(listen, public_addrs), clock)
+    service._start()
+    return service

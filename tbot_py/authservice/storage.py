@@ -1,0 +1,374 @@
+"""SQLite state of the auth service: bots, hashed join tokens and bot instances.
+
+The running server and the admin CLI open the same ``state.db`` at the same
+time, so every operation is one short transaction on its own connection:
+WAL lets readers run beside a writer, ``busy_timeout`` makes a writer wait
+for another instead of failing, and ``BEGIN IMMEDIATE`` takes the write lock
+up front so a read-then-write step cannot race another process.
+
+Join tokens are stored only as SHA-256 hex; the value itself never reaches
+the database. Times are stored as fixed-width UTC text, which sorts and
+compares correctly as a string and reads well in the ``sqlite3`` shell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tbot_py.authservice.ca import BotProfile
+from tbot_py.authservice.errors import AccessDenied, AlreadyExists, AuthServiceError, NotFound
+
+#: Bump when the schema changes and add a step to ``_MIGRATIONS``.
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 5000
+JOIN_METHOD_TOKEN = "token"  # noqa: S105 - a join method name, not a secret
+
+_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+# One tuple of statements per schema version; executescript() would commit our transaction.
+_SCHEMA_V1 = (
+    """CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    )""",
+    """CREATE TABLE bots (
+        name       TEXT PRIMARY KEY,
+        roles      TEXT NOT NULL,     -- JSON list of role names
+        logins     TEXT NOT NULL,     -- JSON list of SSH logins
+        created_at TEXT NOT NULL
+    )""",
+    """CREATE TABLE join_tokens (
+        token_hash  TEXT PRIMARY KEY, -- keys.token_hash(value), never the value
+        bot_name    TEXT NOT NULL REFERENCES bots(name) ON DELETE CASCADE,
+        join_method TEXT NOT NULL,
+        expires_at  TEXT NOT NULL,
+        created_at  TEXT NOT NULL
+    )""",
+    "CREATE INDEX join_tokens_bot ON join_tokens(bot_name)",
+    """CREATE TABLE bot_instances (
+        id           TEXT PRIMARY KEY,
+        bot_name     TEXT NOT NULL REFERENCES bots(name) ON DELETE CASCADE,
+        generation   INTEGER NOT NULL,
+        created_at   TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL
+    )""",
+    "CREATE INDEX bot_instances_bot ON bot_instances(bot_name)",
+)
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}
+
+# Teleport's wording; deliberately the same for unknown, used and expired tokens.
+TOKEN_NOT_VALID = 'can not join the cluster with role "Bot", the token is not valid'  # noqa: S105
+
+
+class SchemaTooNew(AuthServiceError):
+    """``state.db`` was written by a newer tbot-py."""
+
+
+@dataclass(frozen=True)
+class BotRecord:
+    """A bot: its roles and SSH logins."""
+
+    name: str
+    roles: tuple[str, ...]
+    logins: tuple[str, ...]
+    created_at: datetime
+
+    @property
+    def profile(self) -> BotProfile:
+        """What the certificate templates need to know about this bot."""
+        return BotProfile(name=self.name, roles=self.roles, logins=self.logins)
+
+
+@dataclass(frozen=True)
+class BotSummary:
+    """A bot and how many instances have joined as it."""
+
+    bot: BotRecord
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class BotInstanceRecord:
+    """One joined copy of a bot, with its renewal generation counter."""
+
+    id: str
+    bot_name: str
+    generation: int
+    created_at: datetime
+    last_seen_at: datetime
+
+
+class Storage:
+    """The auth service's state in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def open(cls, path: Path) -> Storage:
+        """Open ``path``, creating it (mode 0600) and migrating its schema as needed."""
+        # Create the file ourselves so it is 0600 from the start; SQLite gives
+        # its -wal and -shm files the same mode as the database.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        storage = cls(path)
+        storage._migrate()
+        return storage
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    @contextmanager
+    def _transaction(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
+
+    def _migrate(self) -> None:
+        conn = self._connect()
+        try:
+            # WAL is a property of the file; it must be set outside a transaction.
+            conn.execute("PRAGMA journal_mode = WAL")
+        finally:
+            conn.close()
+        with self._transaction(write=True) as conn:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise SchemaTooNew(
+                    f"state.db has schema version {version}, newer than this tbot-py "
+                    f"understands ({SCHEMA_VERSION}); upgrade tbot-py"
+                )
+            for step in range(version + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[step]:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the file."""
+        with self._transaction() as conn:
+            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    # -- cluster metadata -------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        """A cluster-wide setting, or None when unset."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a cluster-wide setting."""
+        with self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    # -- bots -------------------------------------------------------------------------
+
+    def add_bot(
+        self,
+        bot: BotRecord,
+        *,
+        token_hash: str | None = None,
+        token_expires: datetime | None = None,
+    ) -> None:
+        """Create ``bot`` and, in the same transaction, its first join token.
+
+        Raises AlreadyExists when a bot of that name exists.
+        """
+        with self._transaction(write=True) as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO bots (name, roles, logins, created_at) VALUES (?, ?, ?, ?)",
+                    (bot.name, json.dumps(bot.roles), json.dumps(bot.logins), _ts(bot.created_at)),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(f'bot "{bot.name}" already exists') from None
+            if token_hash is not None and token_expires is not None:
+                _insert_token(conn, token_hash, bot.name, token_expires, bot.created_at)
+
+    def get_bot(self, name: str) -> BotRecord | None:
+        """The bot called ``name``, or None."""
+        with self._transaction() as conn:
+            return _get_bot(conn, name)
+
+    def list_bots(self) -> list[BotSummary]:
+        """Every bot with its instance count, by name."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT b.name, b.roles, b.logins, b.created_at, COUNT(i.id) "
+                "FROM bots b LEFT JOIN bot_instances i ON i.bot_name = b.name "
+                "GROUP BY b.name ORDER BY b.name"
+            ).fetchall()
+        return [BotSummary(bot=_bot_from_row(row[:4]), instance_count=int(row[4])) for row in rows]
+
+    def remove_bot(self, name: str) -> None:
+        """Delete a bot with its tokens and instances; NotFound when there is no such bot."""
+        with self._transaction(write=True) as conn:
+            conn.execute("DELETE FROM join_tokens WHERE bot_name = ?", (name,))
+            conn.execute("DELETE FROM bot_instances WHERE bot_name = ?", (name,))
+            if conn.execute("DELETE FROM bots WHERE name = ?", (name,)).rowcount != 1:
+                raise NotFound(f'bot "{name}" not found')
+
+    # -- join tokens ------------------------------------------------------------------
+
+    def add_token(self, token_hash: str, bot_name: str, expires: datetime, now: datetime) -> None:
+        """Store a join token (by hash) for an existing bot; NotFound when there is none."""
+        with self._transaction(write=True) as conn:
+            if _get_bot(conn, bot_name) is None:
+                raise NotFound(f'bot "{bot_name}" not found')
+            # Expired tokens are useless; drop them while we hold the write lock anyway.
+            conn.execute("DELETE FROM join_tokens WHERE expires_at <= ?", (_ts(now),))
+            _insert_token(conn, token_hash, bot_name, expires, now)
+
+    def count_tokens(self, bot_name: str) -> int:
+        """How many join tokens are stored for ``bot_name`` (used or expired ones excluded)."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT COUNT(*) FROM join_tokens WHERE bot_name = ?", (bot_name,)
+            ).fetchone()
+        return int(row[0])
+
+    def consume_token(self, token_hash: str, *, instance_id: str, now: datetime) -> BotRecord:
+        """Use a join token once: delete it and create bot instance ``instance_id`` (generation 1).
+
+        Both happen in one transaction, so two joins with one token cannot both
+        succeed. Raises AccessDenied when the token is unknown, used, expired,
+        or its bot is gone.
+        """
+        with self._transaction(write=True) as conn:
+            row = conn.execute(
+                "DELETE FROM join_tokens WHERE token_hash = ? AND join_method = ? "
+                "RETURNING bot_name, expires_at",
+                (token_hash, JOIN_METHOD_TOKEN),
+            ).fetchone()
+            bot = None
+            if row is not None and _dt(row[1]) > now:
+                bot = _get_bot(conn, str(row[0]))
+            if bot is not None:
+                conn.execute(
+                    "INSERT INTO bot_instances (id, bot_name, generation, created_at, "
+                    "last_seen_at) VALUES (?, ?, 1, ?, ?)",
+                    (instance_id, bot.name, _ts(now), _ts(now)),
+                )
+        # Raised after COMMIT: an expired token found here stays deleted.
+        if bot is None:
+            raise AccessDenied(TOKEN_NOT_VALID)
+        return bot
+
+    # -- bot instances ----------------------------------------------------------------
+
+    def get_instance(self, bot_name: str, instance_id: str) -> BotInstanceRecord | None:
+        """Instance ``instance_id`` of ``bot_name``, or None."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT id, bot_name, generation, created_at, last_seen_at FROM bot_instances "
+                "WHERE id = ? AND bot_name = ?",
+                (instance_id, bot_name),
+            ).fetchone()
+        if row is None:
+            return None
+        return BotInstanceRecord(
+            id=str(row[0]),
+            bot_name=str(row[1]),
+            generation=int(row[2]),
+            created_at=_dt(row[3]),
+            last_seen_at=_dt(row[4]),
+        )
+
+    def advance_generation(
+        self, bot_name: str, instance_id: str, presented: int, now: datetime
+    ) -> int:
+        """Check the presented generation and bump it; return the new one.
+
+        Raises AccessDenied when the instance is unknown or ``presented`` is
+        not the stored generation (the certificate was already renewed once).
+        """
+        with self._transaction(write=True) as conn:
+            row = conn.execute(
+                "SELECT generation FROM bot_instances WHERE id = ? AND bot_name = ?",
+                (instance_id, bot_name),
+            ).fetchone()
+            if row is None:
+                raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
+            stored = int(row[0])
+            updated = conn.execute(
+                "UPDATE bot_instances SET generation = generation + 1, last_seen_at = ? "
+                "WHERE id = ? AND bot_name = ? AND generation = ?",
+                (_ts(now), instance_id, bot_name, presented),
+            ).rowcount
+            if updated != 1:
+                raise AccessDenied(
+                    f"cert generation mismatch for bot {bot_name}/{instance_id}: "
+                    f"stored={stored}, presented={presented}"
+                )
+        return presented + 1
+
+    def touch_instance(self, bot_name: str, instance_id: str, now: datetime) -> bool:
+        """Record that the instance was seen; False when it does not exist."""
+        with self._transaction(write=True) as conn:
+            updated = conn.execute(
+                "UPDATE bot_instances SET last_seen_at = ? WHERE id = ? AND bot_name = ?",
+                (_ts(now), instance_id, bot_name),
+            ).rowcount
+        return updated == 1
+
+
+def _insert_token(
+    conn: sqlite3.Connection, token_hash: str, bot_name: str, expires: datetime, now: datetime
+) -> None:
+    try:
+        conn.execute(
+            "INSERT INTO join_tokens (token_hash, bot_name, join_method, expires_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (token_hash, bot_name, JOIN_METHOD_TOKEN, _ts(expires), _ts(now)),
+        )
+    except sqlite3.IntegrityError:
+        # Only a hash collision of two random tokens could get here.
+        raise AlreadyExists("join token already exists") from None
+
+
+def _get_bot(conn: sqlite3.Connection, name: str) -> BotRecord | None:
+    row = conn.execute(
+        "SELECT name, roles, logins, created_at FROM bots WHERE name = ?", (name,)
+    ).fetchone()
+    return None if row is None else _bot_from_row(row)
+
+
+def _bot_from_row(row: tuple[object, ...]) -> BotRecord:
+    name, roles, logins, created_at = row
+    return BotRecord(
+        name=str(name),
+        roles=tuple(json.loads(str(roles))),
+        logins=tuple(json.loads(str(logins))),
+        created_at=_dt(created_at),
+    )
+
+
+def _ts(t: datetime) -> str:
+    return t.astimezone(UTC).strftime(_TIME_FORMAT)
+
+
+def _dt(value: object) -> datetime:
+    return datetime.strptime(str(value), _TIME_FORMAT).replace(tzinfo=UTC)

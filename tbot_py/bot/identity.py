@@ -1,0 +1,150 @@
+"""The bot's own identity: load it from storage, then join or renew, then persist it.
+
+The decision follows tbot (tbot.md §7.1-7.2):
+
+- a stored identity whose ``tokenhash`` differs from the configured token is
+  discarded, so handing the bot a new token forces a fresh join;
+- an expired stored identity is discarded and the bot joins again (needs a token);
+- a valid stored identity is renewed with a fresh key over mTLS;
+- with nothing stored and no token there is nothing to do: a clear error.
+
+The new identity is written to storage *before* anything uses it: the server
+has already advanced the generation counter, so an identity that is used but
+not saved would lock the bot out after a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from tbot_py.client import tls, wire
+from tbot_py.client.http import AuthClient
+from tbot_py.client.trust import first_contact_context
+from tbot_py.destinations.base import Destination
+from tbot_py.errors import AccessDenied, ConfigError, IdentityError
+from tbot_py.identity import keys
+from tbot_py.identity.model import BOT_ARTIFACTS, Identity
+
+log = logging.getLogger("tbot_py.bot")
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class JoinParams:
+    """What the bot needs to reach the cluster and prove itself on first contact."""
+
+    addr: str
+    token: str | None
+    ca_pins: tuple[str, ...] = ()
+    ca_path: str | None = None
+    insecure: bool = False
+
+
+def fresh_public_keys(key: keys.PrivateKey) -> wire.PublicKeys:
+    """The wire encoding of a new key: PKIX PEM for TLS and an authorized_keys line for SSH."""
+    public = key.public_key()
+    return wire.PublicKeys(tls=keys.public_key_pem(public), ssh=keys.ssh_public_key_line(public))
+
+
+def load_stored_identity(storage: Destination) -> tuple[Identity, str] | None:
+    """The stored bot identity and token hash, or None when storage holds none (or junk)."""
+    files = {name: storage.read(name) for name in BOT_ARTIFACTS}
+    try:
+        return Identity.from_bot_artifacts(files)
+    except IdentityError as exc:
+        log.warning("ignoring the bot identity in %s: %s", storage.describe(), exc)
+        return None
+
+
+def save_identity(storage: Destination, identity: Identity, token_hash: str) -> None:
+    """Persist the bot identity; returns only once every file is durably written."""
+    storage.write_many(identity.to_bot_artifacts(token_hash))
+
+
+def describe(identity: Identity) -> str:
+    """One log-friendly line about an identity. Holds no secret."""
+    tid = identity.tls_identity
+    return (
+        f"{identity.username} (bot instance {tid.bot_instance_id or '-'}, "
+        f"generation {tid.generation}, valid until {identity.not_after:%Y-%m-%dT%H:%M:%SZ})"
+    )
+
+
+async def join_with_token(
+    params: JoinParams, token: str, ttl: timedelta, now: datetime
+) -> Identity:
+    """Trade the join token for a renewable bot identity."""
+    ctx = await first_contact_context(
+        params.addr, ca_pins=params.ca_pins, ca_path=params.ca_path, insecure=params.insecure
+    )
+    key = keys.generate_private_key()
+    request = wire.RegisterUsingTokenRequest(
+        token=token, keys=fresh_public_keys(key), expires=now + ttl
+    )
+    async with AuthClient(params.addr, ctx) as client:
+        certs = await client.register_using_token(request)
+    return Identity.from_certs(key, certs)
+
+
+async def renew_identity(addr: str, current: Identity, ttl: timedelta, now: datetime) -> Identity:
+    """Renew a renewable identity with a fresh key, authenticating with the current one.
+
+    A new short-lived client is built for every renewal: the generation
+    counter lives in the certificate, so the old connection must not be reused.
+    """
+    ctx = tls.mtls_context(current.tls_cert_pem, current.private_key_pem, current.tls_ca_pems)
+    key = keys.generate_private_key()
+    request = wire.RenewRequest(keys=fresh_public_keys(key), expires=now + ttl)
+    async with AuthClient(addr, ctx) as client:
+        try:
+            certs = await client.renew_bot(request)
+        except AccessDenied as exc:
+            exc.message += (
+                "; the stored bot identity was refused. If it was copied or used by another "
+                "process, issue a new token (tbot-py auth tokens add --bot NAME) and run again "
+                "with it"
+            )
+            raise
+    return Identity.from_certs(key, certs)
+
+
+async def obtain_bot_identity(
+    params: JoinParams, storage: Destination, ttl: timedelta, clock: Clock
+) -> Identity:
+    """Load, then join or renew, then save the bot identity. Returns the saved identity."""
+    token = params.token
+    token_hash = keys.token_hash(token) if token else ""
+    stored = load_stored_identity(storage)
+    now = clock()
+    if stored is not None:
+        identity, stored_hash = stored
+        if token and stored_hash != token_hash:
+            log.info("the join token changed; discarding the stored identity and joining again")
+            stored = None
+        elif not identity.is_valid_at(now):
+            log.info("the stored identity expired at %s; joining again", identity.not_after)
+            stored = None
+    if stored is None:
+        if not token:
+            raise ConfigError(
+                f"no usable bot identity in {storage.describe()} and no join token configured; "
+                "set onboarding.token or pass --token",
+                yaml_path="onboarding.token",
+            )
+        identity = await join_with_token(params, token, ttl, now)
+        log.info("joined the cluster %s as %s", identity.cluster_name, describe(identity))
+    else:
+        identity, token_hash = stored[0], stored[1]
+        if not identity.tls_identity.renewable:
+            raise IdentityError(
+                f"the stored identity in {storage.describe()} is not renewable; "
+                "configure a join token to join again"
+            )
+        identity = await renew_identity(params.addr, identity, ttl, now)
+        log.info("renewed the bot identity: %s", describe(identity))
+    save_identity(storage, identity, token_hash)
+    return identity

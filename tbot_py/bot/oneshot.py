@@ -1,0 +1,142 @@
+"""One-shot mode: join or renew, write every output once, exit.
+
+Order matters for safety:
+
+1. Every destination is prepared and proven writable before any network call,
+   so a bad output path never burns a single-use join token.
+2. The storage lock is taken, so two bots never renew from the same identity.
+3. The bot identity is obtained and saved before any output uses it.
+4. Outputs are generated concurrently and independently; each writes its files
+   only after every one of them rendered, so a failure leaves it untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
+from tbot_py.client import tls
+from tbot_py.client.http import AuthClient
+from tbot_py.config.schema import BotConfig, DirectoryDestination, IdentityServiceConfig
+from tbot_py.destinations import Destination
+from tbot_py.destinations import DirectoryDestination as DirectoryStore
+from tbot_py.destinations import MemoryDestination as MemoryStore
+from tbot_py.errors import Error
+from tbot_py.identity.model import Identity
+from tbot_py.services.base import BotContext, GenerateResult, OutputService
+from tbot_py.services.identity import IdentityOutputSettings, IdentityService
+
+log = logging.getLogger("tbot_py.bot")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class OutputsFailed(Error):
+    """One or more outputs could not be generated; the others were written."""
+
+    def __init__(self, failures: Sequence[tuple[str, BaseException]], total: int) -> None:
+        self.failures = list(failures)
+        details = "; ".join(f"{name}: {exc}" for name, exc in failures)
+        if total == 1:
+            message = f"output {details}"
+        else:
+            message = f"{len(failures)} of {total} outputs failed: {details}"
+        super().__init__(message)
+
+
+@dataclass(frozen=True)
+class OneshotResult:
+    """What a one-shot run produced, for the summary. Holds no secret."""
+
+    bot_identity: Identity
+    outputs: tuple[GenerateResult, ...]
+
+
+def build_destination(config: DirectoryDestination | object) -> Destination:
+    """The runtime destination for a destination config."""
+    if isinstance(config, DirectoryDestination):
+        return DirectoryStore(config.absolute_path())
+    return MemoryStore()
+
+
+def build_services(config: BotConfig, addr: str) -> list[OutputService]:
+    """One runtime service per configured service, in config order."""
+    services: list[OutputService] = []
+    for svc in config.services:
+        if isinstance(svc, IdentityServiceConfig):
+            ttl, _ = svc.effective_lifetime(config)
+            settings = IdentityOutputSettings(
+                name=svc.name or "identity",
+                roles=tuple(svc.roles),
+                allow_reissue=svc.allow_reissue,
+                ssh_config=svc.ssh_config == "on",
+                ttl=ttl,
+            )
+            services.append(IdentityService(settings, build_destination(svc.destination), addr))
+    return services
+
+
+def join_params(config: BotConfig) -> JoinParams:
+    """Everything needed to reach the cluster; reads the token (file) now."""
+    onboarding = config.onboarding
+    return JoinParams(
+        addr=config.require_address(),
+        token=onboarding.read_token(),
+        ca_pins=tuple(onboarding.ca_pins),
+        ca_path=onboarding.ca_path,
+        insecure=onboarding.insecure,
+    )
+
+
+async def run_oneshot(
+    config: BotConfig, *, clock: Clock = utc_now, executable: str = "tbot-py"
+) -> OneshotResult:
+    """Obtain the bot identity, write every output once, and return what was written."""
+    addr = config.require_address()
+    storage = build_destination(config.storage)
+    services = build_services(config, addr)
+    storage.init()
+    for service in services:
+        service.init()
+    params = join_params(config)
+    if not storage.is_persistent:
+        log.warning(
+            "storage is in memory: the bot identity is lost on exit, so every run joins again "
+            "and needs a fresh join token"
+        )
+    with storage.lock():
+        bot_identity = await obtain_bot_identity(params, storage, config.credential_ttl, clock)
+        ctx = tls.mtls_context(
+            bot_identity.tls_cert_pem, bot_identity.private_key_pem, bot_identity.tls_ca_pems
+        )
+        async with AuthClient(addr, ctx) as client:
+            ping, cas = await asyncio.gather(client.ping(), client.cert_authorities())
+            bot = BotContext(
+                client=client,
+                bot_identity=bot_identity,
+                ping=ping,
+                cert_authorities=tuple(cas),
+                clock=clock,
+                executable=executable,
+            )
+            outcomes = await asyncio.gather(
+                *(service.generate(bot) for service in services), return_exceptions=True
+            )
+    results: list[GenerateResult] = []
+    failures: list[tuple[str, BaseException]] = []
+    for service, outcome in zip(services, outcomes, strict=True):
+        if isinstance(outcome, Error):
+            failures.append((service.name, outcome))
+        elif isinstance(outcome, BaseException):
+            raise outcome
+        else:
+            results.append(outcome)
+    if failures:
+        raise OutputsFailed(failures, len(services))
+    return OneshotResult(bot_identity=bot_identity, outputs=tuple(results))

@@ -1,0 +1,102 @@
+"""The ``tbot-py`` command line.
+
+Commands parse argv, build a validated config and call the core; the core
+never reads argv or the environment. Every failure a user can cause ends as
+one ``ERROR:`` line on stderr and exit code 1; a traceback is shown only with
+``--debug``. Sub-command groups are imported only when used, so a one-shot run
+never imports the auth service.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+from typing import Any
+
+import click
+
+from tbot_py import __version__
+from tbot_py.errors import Error
+
+# name -> (module, attribute): loaded on first use to keep start-up cheap.
+_LAZY_COMMANDS = {
+    "start": ("tbot_py.cli.start", "start"),
+    "configure": ("tbot_py.cli.start", "configure"),
+    "auth": ("tbot_py.cli.auth", "auth"),
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *_LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in _LAZY_COMMANDS:
+            module, attr = _LAZY_COMMANDS[cmd_name]
+            command: click.Command = getattr(importlib.import_module(module), attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+def setup_logging(debug: bool) -> None:
+    """Human-readable logs on stderr; stdout is kept for command output."""
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(asctime)s %(levelname)-5s [%(name)s] %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+    # httpx logs every request at INFO; that is our debug detail, not the operator's.
+    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """tbot-py: short-lived machine credentials, tbot-compatible."""
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"tbot-py v{__version__} python{sys.version_info[0]}.{sys.version_info[1]}")
+
+
+def _debug_requested(argv: list[str]) -> bool:
+    return "-d" in argv or "--debug" in argv
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Console entry point: run the CLI and turn errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        return cli.main(args=args, prog_name="tbot-py", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ERROR: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except Error as exc:
+        if _debug_requested(args):
+            logging.getLogger("tbot_py").exception("failed")
+        click.echo(f"ERROR: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("ERROR: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # a bug: still one line, with the trace only on request
+        if _debug_requested(args):
+            logging.getLogger("tbot_py").exception("internal error")
+        click.echo(
+            f"ERROR: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+            err=True,
+        )
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""``tbot-py start`` and ``tbot-py configure``: build a config from a file and flags, then run it.
+
+Flag names and environment variables follow tbot (tbot.md §6): ``--proxy-server``
+(``TELEPORT_PROXY``), ``--token`` (``TELEPORT_BOT_TOKEN``), ``-c`` (``TBOT_CONFIG_PATH``).
+Flags override the file, and each override is logged, never silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from tbot_py.cli.main import setup_logging
+from tbot_py.config import (
+    BotConfig,
+    CLIOverrides,
+    append_service,
+    apply_overrides,
+    identity_service_from_flags,
+    load_config_file,
+    render_config_yaml,
+)
+from tbot_py.errors import ConfigError
+
+log = logging.getLogger("tbot_py.cli")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _config_options(func: F) -> F:
+    """The flags every ``start``/``configure`` form accepts."""
+    options = [
+        click.option(
+            "-c",
+            "--config",
+            "config_path",
+            envvar="TBOT_CONFIG_PATH",
+            type=click.Path(dir_okay=False),
+            help="Config file (env TBOT_CONFIG_PATH).",
+        ),
+        click.option(
+            "-a",
+            "--auth-server",
+            envvar="TELEPORT_AUTH_SERVER",
+            help="Auth service address host:port (env TELEPORT_AUTH_SERVER).",
+        ),
+        click.option(
+            "--proxy-server",
+            envvar="TELEPORT_PROXY",
+            help="Proxy or auth service address host:port (env TELEPORT_PROXY).",
+        ),
+        click.option(
+            "--token",
+            envvar="TELEPORT_BOT_TOKEN",
+            show_envvar=False,
+            help="Join token, or an absolute path to a file holding it "
+            "(env TELEPORT_BOT_TOKEN; prefer a file or the env over argv).",
+        ),
+        click.option("--join-method", help="Join method (only 'token' is supported)."),
+        click.option(
+            "--ca-pin",
+            "ca_pins",
+            multiple=True,
+            help="CA pin sha256:<hex> for the first contact; repeatable.",
+        ),
+        click.option("--ca-path", help="CA certificate PEM for the first contact."),
+        click.option(
+            "--insecure/--no-insecure",
+            default=None,
+            help="Do not verify the server on first contact (unsafe).",
+        ),
+        click.option(
+            "--storage",
+            "--data-dir",
+            "storage",
+            help="Bot storage: a directory path, file:///path or memory://.",
+        ),
+        click.option(
+            "--certificate-ttl",
+            "--credential-ttl",
+            "credential_ttl",
+            help="Credential lifetime, e.g. 1h.",
+        ),
+        click.option("--renewal-interval", help="Renewal interval, e.g. 20m."),
+        click.option(
+            "--oneshot/--no-oneshot", default=None, help="Write every output once and exit."
+        ),
+        click.option("-d", "--debug/--no-debug", default=None, help="Verbose logging."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _identity_options(func: F) -> F:
+    """The flags of the ``identity`` output."""
+    options = [
+        click.option(
+            "--destination",
+            required=True,
+            help="Where to write: a directory path, file:///path or memory://.",
+        ),
+        click.option(
+            "--roles", default="", help="Comma-separated roles (default: all the bot holds)."
+        ),
+        click.option(
+            "--allow-reissue/--no-allow-reissue",
+            default=False,
+            help="Let tsh reissue the credentials (for apps and databases).",
+        ),
+        click.option(
+            "--ssh-config",
+            type=click.Choice(["on", "off"]),
+            default="on",
+            help="Write ssh_config and known_hosts.",
+        ),
+        click.option("--name", help="Service name (default identity-N)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _build_config(params: dict[str, Any], *, load_file: bool) -> BotConfig:
+    """The config file (if any) with the flags applied, validated."""
+    base = None
+    path = params.get("config_path")
+    if load_file and path:
+        base = load_config_file(path)
+    overrides = CLIOverrides(
+        proxy_server=params.get("proxy_server"),
+        auth_server=params.get("auth_server"),
+        token=params.get("token"),
+        join_method=params.get("join_method"),
+        ca_pins=tuple(params.get("ca_pins") or ()),
+        ca_path=params.get("ca_path"),
+        insecure=params.get("insecure"),
+        storage=params.get("storage"),
+        credential_ttl=params.get("credential_ttl"),
+        renewal_interval=params.get("renewal_interval"),
+        oneshot=params.get("oneshot"),
+        debug=params.get("debug"),
+    )
+    return apply_overrides(base, overrides)
+
+
+def _with_identity_service(config: BotConfig, params: dict[str, Any]) -> BotConfig:
+    roles = [r.strip() for r in str(params.get("roles") or "").split(",") if r.strip()]
+    service = identity_service_from_flags(
+        params["destination"],
+        roles=roles,
+        allow_reissue=bool(params.get("allow_reissue")),
+        ssh_config=params.get("ssh_config") or "on",
+        name=params.get("name"),
+    )
+    return append_service(config, service)
+
+
+def own_executable() -> str:
+    """How ssh_config's ProxyCommand should call us: this script's absolute path if we can tell."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    if os.path.basename(argv0) == "tbot-py" and os.path.exists(argv0):
+        return os.path.abspath(argv0)
+    return shutil.which("tbot-py") or "tbot-py"
+
+
+def run_config(config: BotConfig) -> None:
+    """Log what the config says about itself, then run it."""
+    if config.debug:
+        setup_logging(debug=True)
+    for notice in config.notices:
+        log.info("%s", notice)
+    for warning in config.warnings:
+        log.warning("%s", warning)
+    config.require_address()
+    if not config.services:
+        raise ConfigError(
+            "no services configured: add one under services: or use "
+            "`tbot-py start identity --destination DIR`"
+        )
+    if not config.oneshot:
+        raise ConfigError(
+            "background mode is not available in this version yet; pass --oneshot or set "
+            "oneshot: true (a systemd timer or cron job can run it periodically)"
+        )
+    from tbot_py.bot.oneshot import run_oneshot
+
+    result = asyncio.run(run_oneshot(config, executable=own_executable()))
+    for output in result.outputs:
+        log.info("%s: %d files in %s", output.service, len(output.files), output.destination)
+
+
+@click.group(invoke_without_command=True)
+@_config_options
+@click.pass_context
+def start(ctx: click.Context, /, **params: Any) -> None:
+    """Start the bot from a config file: tbot-py start -c FILE [--oneshot]."""
+    if ctx.invoked_subcommand is not None:
+        return
+    setup_logging(debug=bool(params.get("debug")))
+    if not params.get("config_path"):
+        raise ConfigError(
+            "no config file: pass -c FILE (or set TBOT_CONFIG_PATH), or use "
+            "`tbot-py start identity --destination DIR ...`"
+        )
+    run_config(_build_config(params, load_file=True))
+
+
+@click.command("identity")
+@_config_options
+@_identity_options
+def start_identity(**params: Any) -> None:
+    """Start with an identity output (for ssh, tsh and curl); aliases: ssh, id."""
+    setup_logging(debug=bool(params.get("debug")))
+    config = _with_identity_service(_build_config(params, load_file=True), params)
+    run_config(config)
+
+
+for _alias in ("identity", "ssh", "id"):
+    start.add_command(start_identity, _alias)
+
+
+@click.group()
+def configure() -> None:
+    """Print the config file equivalent to `start <type>` flags."""
+
+
+@click.command("identity")
+@_config_options
+@_identity_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the config to this file (mode 0600) instead of stdout.",
+)
+def configure_identity(**params: Any) -> None:
+    """Print the YAML for an identity output; aliases: ssh, id."""
+    setup_logging(debug=bool(params.get("debug")))
+    if params.get("config_path"):
+        log.warning(
+            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
+        )
+    config = _with_identity_service(_build_config(params, load_file=False), params)
+    text = render_config_yaml(config)
+    output = params.get("output")
+    if not output:
+        click.echo(text, nl=False)
+        return
+    from tbot_py.destinations import DirectoryDestination
+
+    path = Path(output).resolve()
+    DirectoryDestination(path.parent).write(path.name, text.encode())
+    log.info("wrote %s", path)
+
+
+for _alias in ("identity", "ssh", "id"):
+    configure.add_command(configure_identity, _alias)

@@ -1,0 +1,28 @@
+"""The one interface services use to reach the cluster.
+
+The HTTPS implementation is :class:`tbot_py.client.http.AuthClient`. A
+Teleport gRPC backend can be added later by implementing this protocol,
+without touching services.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from tbot_py.client import wire
+
+
+class AuthAPI(Protocol):
+    """Calls the daemon makes to the auth service."""
+
+    async def ping(self) -> wire.PingResponse: ...
+
+    async def register_using_token(self, request: wire.RegisterUsingTokenRequest) -> wire.Certs: ...
+
+    async def renew_bot(self, request: wire.RenewRequest) -> wire.Certs: ...
+
+    async def issue_impersonated(self, request: wire.ImpersonateRequest) -> wire.Certs: ...
+
+    async def cert_authorities(self) -> list[wire.CertAuthority]: ...
+
+    async def close(self) -> None: ...

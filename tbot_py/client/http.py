@@ -1,0 +1,183 @@
+"""The auth service client over HTTPS (httpx).
+
+Every call returns a typed value from :mod:`tbot_py.client.wire` or raises one
+:class:`tbot_py.errors.ClientError` subclass whose message is one safe line:
+the URL, the status and the server's error message, never the request body.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from typing import Any, TypeVar
+
+import httpx
+
+from tbot_py import __version__
+from tbot_py.client import wire
+from tbot_py.errors import (
+    AccessDenied,
+    BadParameter,
+    ClientError,
+    ConnectionProblem,
+    LimitExceeded,
+    NotFound,
+    ProtocolError,
+    ServerError,
+    TrustError,
+)
+
+T = TypeVar("T")
+
+_STATUS_ERRORS: dict[int, type[ClientError]] = {
+    400: BadParameter,
+    403: AccessDenied,
+    404: NotFound,
+    429: LimitExceeded,
+}
+_MAX_MESSAGE = 300
+DEFAULT_PORT = 443
+
+
+def normalize_addr(addr: str) -> str:
+    """``host:port`` from ``host``, ``host:port`` or ``https://host:port``."""
+    addr = addr.strip().removeprefix("https://").rstrip("/")
+    if addr.startswith("["):  # [v6]:port
+        return addr if "]:" in addr else f"{addr}:{DEFAULT_PORT}"
+    return addr if ":" in addr else f"{addr}:{DEFAULT_PORT}"
+
+
+def _one_line(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
+
+
+def _transport_error(exc: httpx.TransportError, url: str) -> ClientError:
+    """Classify a transport failure: TLS trust, TLS protocol, or plain connectivity."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            reason = cause.verify_message or cause.reason or str(cause)
+            return TrustError(
+                f"cannot verify the server's TLS certificate ({reason}); "
+                "check ca_pins/ca_path and the address",
+                url=url,
+            )
+        if isinstance(cause, ssl.SSLError):
+            return ProtocolError(
+                f"TLS handshake failed ({cause.reason or cause}); is this a tbot-py auth "
+                "service speaking HTTPS?",
+                url=url,
+            )
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.TimeoutException):
+        return ConnectionProblem("timed out waiting for the auth service", url=url)
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return ProtocolError(f"server broke the HTTP protocol: {_one_line(str(exc))}", url=url)
+    return ConnectionProblem(f"cannot reach the auth service: {_one_line(str(exc))}", url=url)
+
+
+class AuthClient:
+    """Talks to one auth service address with one TLS context (verified, or mTLS)."""
+
+    def __init__(
+        self,
+        addr: str,
+        ctx: ssl.SSLContext,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.addr = normalize_addr(addr)
+        self.base_url = f"https://{self.addr}"
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            verify=ctx,
+            timeout=timeout,
+            transport=transport,
+            headers={"User-Agent": f"tbot-py/{__version__}"},
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    async def __aenter__(self) -> AuthClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+        url = self.base_url + path
+        try:
+            response = await self._http.request(method, path, json=body)
+        except httpx.TransportError as exc:
+            raise _transport_error(exc, url) from None
+        if response.status_code == 200:
+            return response.content
+        raise self._status_error(response, url)
+
+    @staticmethod
+    def _status_error(response: httpx.Response, url: str) -> ClientError:
+        status = response.status_code
+        try:
+            message = wire.error_message(response.json())
+        except ValueError:
+            message = None
+        if message is None:
+            message = f"unexpected answer ({response.headers.get('content-type', 'no type')})"
+        cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else ProtocolError)
+        return cls(_one_line(message), url=url, status=status)
+
+    async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> object:
+        content = await self._request(method, path, body)
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise ProtocolError(
+                "server answered with something that is not JSON", url=self.base_url + path
+            ) from None
+
+    def _decode(self, path: str, parse: Any, doc: object) -> Any:
+        try:
+            return parse(doc)
+        except wire.WireError as exc:
+            raise ProtocolError(f"unexpected response: {exc}", url=self.base_url + path) from None
+
+    async def ping(self) -> wire.PingResponse:
+        """``GET /webapi/find``: cluster name, version and proxy addresses."""
+        doc = await self._json("GET", wire.PATH_FIND)
+        ping: wire.PingResponse = self._decode(wire.PATH_FIND, wire.PingResponse.from_json, doc)
+        return ping
+
+    async def export_ca(self, ca_type: str) -> bytes:
+        """``GET /webapi/auth/export?type=...``: public CA material, unauthenticated."""
+        return await self._request("GET", f"{wire.PATH_EXPORT}?type={ca_type}")
+
+    async def register_using_token(self, request: wire.RegisterUsingTokenRequest) -> wire.Certs:
+        """The token join: trade a join token and a public key for a bot identity."""
+        doc = await self._json("POST", wire.PATH_JOIN, request.to_json())
+        certs: wire.Certs = self._decode(wire.PATH_JOIN, wire.Certs.from_json, doc)
+        return certs
+
+    async def renew_bot(self, request: wire.RenewRequest) -> wire.Certs:
+        """Renew the bot's own identity (mTLS with the current bot certificate)."""
+        doc = await self._json("POST", wire.PATH_RENEW, request.to_json())
+        certs: wire.Certs = self._decode(wire.PATH_RENEW, wire.Certs.from_json, doc)
+        return certs
+
+    async def issue_impersonated(self, request: wire.ImpersonateRequest) -> wire.Certs:
+        """Issue a short-lived identity for an output (mTLS with the bot certificate)."""
+        doc = await self._json("POST", wire.PATH_CERTS, request.to_json())
+        certs: wire.Certs = self._decode(wire.PATH_CERTS, wire.Certs.from_json, doc)
+        return certs
+
+    async def cert_authorities(self) -> list[wire.CertAuthority]:
+        """The cluster's host, user and database CAs (public parts only)."""
+        doc = await self._json("GET", wire.PATH_CAS)
+        cas: list[wire.CertAuthority] = self._decode(
+            wire.PATH_CAS, wire.cert_authorities_from_json, doc
+        )
+        return cas

@@ -1,0 +1,67 @@
+"""What every destination offers: named byte blobs, written and read back.
+
+A destination never knows what it stores. Services render artifacts to bytes
+and hand them over by name; the bot's storage is a destination like any other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Protocol
+
+from tbot_py.errors import DestinationError
+
+
+class DestinationLock(Protocol):
+    """An exclusive hold on a destination, kept until :meth:`release` or the ``with`` exits."""
+
+    def release(self) -> None:
+        """Give the lock up. Calling it twice is harmless."""
+
+    def __enter__(self) -> DestinationLock: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+
+class Destination(Protocol):
+    """A place artifacts are written to: a directory, process memory, ..."""
+
+    @property
+    def is_persistent(self) -> bool:
+        """True when what is written survives the process (false for memory)."""
+
+    def init(self) -> None:
+        """Prepare the destination and prove it is writable, or raise DestinationError."""
+
+    def write(self, name: str, data: bytes) -> None:
+        """Replace the artifact ``name`` with ``data``."""
+
+    def write_many(self, files: Mapping[str, bytes]) -> None:
+        """Replace several artifacts, in the order given."""
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of artifact ``name``, or None when it does not exist."""
+
+    def describe(self) -> str:
+        """A short human description for logs, e.g. ``directory /var/lib/tbot``."""
+
+    def lock(self) -> DestinationLock:
+        """Take the exclusive lock that keeps two bots off the same storage."""
+
+
+def check_artifact_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name; raise DestinationError otherwise.
+
+    Names come from services, not users, but a name like ``../x`` or ``a/b``
+    would let an artifact escape its destination, so every destination refuses
+    them before touching anything.
+    """
+    if not name or name in (".", "..") or "/" in name or "\0" in name or ".." in name:
+        raise DestinationError(f"invalid artifact name {name!r}: must be a plain file name")
+    return name

@@ -1,0 +1,58 @@
+"""What an output service is: something that turns the bot identity into files.
+
+A service never talks to the network except through the :class:`AuthAPI` it
+is handed, and never knows how its destination stores bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from tbot_py.client import wire
+from tbot_py.client.api import AuthAPI
+from tbot_py.identity.model import Identity
+
+
+@dataclass(frozen=True)
+class BotContext:
+    """Everything a service may use for one generation cycle, shared by all services.
+
+    ``cert_authorities`` and ``ping`` are fetched once per cycle with the bot's
+    own client, so ten outputs cost one CA fetch, not ten.
+    """
+
+    client: AuthAPI
+    bot_identity: Identity
+    ping: wire.PingResponse
+    cert_authorities: tuple[wire.CertAuthority, ...]
+    clock: Callable[[], datetime]
+    executable: str = "tbot-py"
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def cas_of_type(self, ca_type: str) -> tuple[wire.CertAuthority, ...]:
+        return tuple(ca for ca in self.cert_authorities if ca.type == ca_type)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """What one service produced: for logs and the one-shot summary. Holds no secret."""
+
+    service: str
+    destination: str
+    files: tuple[str, ...]
+    identity: Identity
+
+
+class OutputService(Protocol):
+    """An output service: ``generate`` issues credentials and writes them once."""
+
+    @property
+    def name(self) -> str: ...
+
+    def init(self) -> None:
+        """Prepare the destination (no network); raise DestinationError if unusable."""
+
+    async def generate(self, bot: BotContext) -> GenerateResult: ...
