@@ -240,11 +240,11 @@ def _print_token_text(issued: IssuedToken, pin: str) -> None:
     click.echo(f"The bot token: {issued.token}")
     click.echo(f"This token will expire at {format_time(issued.expires)} and can be used once.")
     click.echo("")
-    click.echo("Save the token to a file only the bot's user can read, e.g. ./bot-token (0600),")
-    click.echo("then run on the bot's machine:")
+    click.echo("Save the token to a file only the bot's user can read, e.g. /etc/tbot-py/token")
+    click.echo("(mode 0600; the path must be absolute), then run on the bot's machine:")
     click.echo("")
     click.echo(
-        f"  tbot-py start identity --proxy-server=<auth-addr> --token=./bot-token "
+        f"  tbot-py start identity --proxy-server=<auth-addr> --token=/etc/tbot-py/token "
         f"--ca-pin={pin} --destination=./tbot-user"
     )
     click.echo("")

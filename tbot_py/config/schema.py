@@ -140,7 +140,16 @@ class Onboarding(_Model):
             return None
         path = self.token_file()
         if path is None:
-            return self.token.get_secret_value()
+            value = self.token.get_secret_value()
+            # Only absolute paths are token files (tbot's rule); a relative path that names
+            # a file is almost certainly a mistake that would send the path as the token.
+            if "/" in value and os.path.isfile(value):
+                raise ConfigError(
+                    f"{value!r} looks like a relative path to a token file; "
+                    "token files must be given as absolute paths",
+                    yaml_path="onboarding.token",
+                )
+            return value
         text, problem = read_text_file(path)
         token = (text or "").strip()
         if problem is None and not token:

@@ -80,3 +80,16 @@ def test_demo_writes_a_working_identity(tmp_path: Path) -> None:
     assert "openssl verify says:" in done.stdout
     assert done.stdout.rstrip().endswith("tlscert: OK")
     parse_identity_file((out / "identity").read_bytes())
+
+
+def test_bots_add_text_hint_reads_the_token_from_an_absolute_file(tmp_path: Path) -> None:
+    done = run_tbot(
+        "auth", "bots", "add", "hinted", "--roles", "access", "--data-dir", str(tmp_path)
+    )
+    assert done.returncode == 0, done.stderr
+    token = next(line for line in done.stdout.splitlines() if line.startswith("The bot token:"))
+    hint = next(line for line in done.stdout.splitlines() if "tbot-py start identity" in line)
+    token_flag = next(arg for arg in hint.split() if arg.startswith("--token="))
+    # Relative paths are sent as the token value; the hint must use an absolute path.
+    assert token_flag.removeprefix("--token=").startswith("/")
+    assert token.split(":", 1)[1].strip() not in hint

@@ -123,3 +123,14 @@ def _raise_permission_error(*_args: object, **_kwargs: object) -> str:
 def test_empty_token_value_is_rejected() -> None:
     with pytest.raises(ConfigError, match=r"^tbot.yaml:3: onboarding.token: must not be empty"):
         load_config_text("version: v2\nonboarding:\n  token: ''\n", source="tbot.yaml")
+
+
+def test_relative_token_file_path_is_refused_not_sent_as_the_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "bot-token").write_text("secret-value\n")
+    monkeypatch.chdir(tmp_path)
+    onboarding = Onboarding.model_validate({"token": "./bot-token"})
+    with pytest.raises(ConfigError, match="absolute paths") as info:
+        onboarding.read_token()
+    assert "secret-value" not in str(info.value)
