@@ -11,13 +11,13 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import BadParameter
 from tbot_py.authservice.storage import JOIN_METHOD_TOKEN, BotRecord, BotSummary
 from tbot_py.client.wire import format_time
+from tbot_py.config.duration import InvalidDurationError, parse_duration
 from tbot_py.identity import keys
 
 DEFAULT_TOKEN_TTL = timedelta(hours=1)
@@ -26,16 +26,6 @@ _BOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 # Roles and logins end up in certificate subjects and SSH principals: printable,
 # no separators, no spaces.
 _ITEM_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
-_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {
-    "ns": Decimal("1e-9"),
-    "us": Decimal("1e-6"),
-    "µs": Decimal("1e-6"),
-    "ms": Decimal("1e-3"),
-    "s": Decimal(1),
-    "m": Decimal(60),
-    "h": Decimal(3600),
-}
 
 
 @dataclass(frozen=True)
@@ -77,25 +67,11 @@ class NewBot:
 
 
 def parse_go_duration(text: str) -> timedelta:
-    """Parse a Go duration such as ``1h``, ``30m``, ``90s`` or ``1h30m``.
-
-    Raises BadParameter naming the value otherwise. (tbot_py.config has its
-    own parser for config files; the auth service keeps its own to stay
-    independent of the daemon's packages.)
-    """
-    value = text.strip()
-    sign = -1 if value.startswith("-") else 1
-    body = value.lstrip("+-")
-    if body == "0":
-        return timedelta(0)
-    parts = _DURATION_PART_RE.findall(body)
-    if not body or "".join(n + u for n, u in parts) != body:
-        raise BadParameter(f"invalid duration {text!r}: use Go syntax such as 1h, 30m or 1h30m")
+    """Parse a Go duration such as ``1h``, ``30m`` or ``1h30m``; BadParameter otherwise."""
     try:
-        seconds = sum((Decimal(n) * _UNIT_SECONDS[u] for n, u in parts), Decimal(0))
-        return sign * timedelta(seconds=float(seconds))
-    except (InvalidOperation, OverflowError):
-        raise BadParameter(f"invalid duration {text!r}: value out of range") from None
+        return parse_duration(text)
+    except InvalidDurationError as exc:
+        raise BadParameter(str(exc)) from None
 
 
 def parse_name_list(text: str, what: str) -> tuple[str, ...]:

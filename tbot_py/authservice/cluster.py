@@ -20,7 +20,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import secrets
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from tbot_py.authservice.ca import (
 )
 from tbot_py.authservice.errors import AuthServiceError, BadParameter, ClusterNotInitialized
 from tbot_py.authservice.storage import Storage
+from tbot_py.destinations.directory import DirectoryDestination
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
 
@@ -163,19 +163,11 @@ def write_server_credentials(
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Atomically replace ``path`` with ``data``, mode 0600: temp file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Atomically replace ``path`` with ``data``, mode 0600, durable on return.
+
+    The same writer the daemon uses for credentials: temp file, fsync, rename, fsync dir.
+    """
+    DirectoryDestination(path.parent).write(path.name, data)
 
 
 def _create_cluster(data_dir: Path, storage: Storage, name: str, now: datetime) -> ClusterCAs:
@@ -228,11 +220,3 @@ def _init_lock(data_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
