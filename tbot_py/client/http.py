@@ -52,8 +52,10 @@ def _one_line(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
 
 
-def _transport_error(exc: httpx.TransportError, url: str) -> ClientError:
-    """Classify a transport failure: TLS trust, TLS protocol, or plain connectivity."""
+def _request_error(exc: httpx.RequestError, url: str) -> ClientError:
+    """Classify a failed request: TLS trust, TLS or HTTP protocol, or plain connectivity."""
+    if isinstance(exc, httpx.DecodingError):
+        return ProtocolError("server sent a response body that cannot be decoded", url=url)
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, ssl.SSLCertVerificationError):
@@ -113,21 +115,27 @@ class AuthClient:
         url = self.base_url + path
         try:
             response = await self._http.request(method, path, json=body)
-        except httpx.TransportError as exc:
-            raise _transport_error(exc, url) from None
+        except httpx.RequestError as exc:
+            raise _request_error(exc, url) from None
         if response.status_code == 200:
             return response.content
-        raise self._status_error(response, url)
+        raise self._status_error(response, url, plain_text_ok=body is None)
 
     @staticmethod
-    def _status_error(response: httpx.Response, url: str) -> ClientError:
+    def _status_error(response: httpx.Response, url: str, *, plain_text_ok: bool) -> ClientError:
         status = response.status_code
+        content_type = response.headers.get("content-type", "")
         try:
             message = wire.error_message(response.json())
         except ValueError:
             message = None
+        plain = content_type.startswith("text/plain") and response.text.strip()
+        if message is None and plain_text_ok and plain:
+            # Teleport's export endpoint answers errors in plain text. Only trusted for
+            # requests without a body: a server reflecting a join request would echo the token.
+            message = response.text.strip().splitlines()[0]
         if message is None:
-            message = f"unexpected answer ({response.headers.get('content-type', 'no type')})"
+            message = f"unexpected answer ({content_type or 'no content type'})"
         cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else ProtocolError)
         return cls(_one_line(message), url=url, status=status)
 

@@ -194,4 +194,8 @@ class Identity:
             ssh_ca_lines=ca_list(ARTIFACT_SSH_CAS),
         )
         identity.validate()
-        return identity, (files.get(ARTIFACT_TOKEN_HASH) or b"").decode().strip()
+        try:
+            token_hash = (files.get(ARTIFACT_TOKEN_HASH) or b"").decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise IdentityError(f"{ARTIFACT_TOKEN_HASH} is not a hex digest") from None
+        return identity, token_hash
