@@ -14,6 +14,7 @@ from cryptography import x509
 
 from tbot_py.identity.identityfile import parse_identity_file
 from tbot_py.identity.tlsid import TLSIdentity
+from tests.expected import BOT_STORAGE_FILES, IDENTITY_FILES, SSH_FILES
 from tests.integration.conftest import (
     AuthService,
     clean_env,
@@ -23,28 +24,6 @@ from tests.integration.conftest import (
     start_auth_service,
     start_identity_args,
 )
-
-IDENTITY_ARTIFACTS = {
-    "identity",
-    "key",
-    "key.pub",
-    "key-cert.pub",
-    "tlscert",
-    "teleport-host-ca.crt",
-    "teleport-user-ca.crt",
-    "teleport-database-ca.crt",
-    "known_hosts",
-    "ssh_config",
-}
-BOT_ARTIFACTS = {
-    "key",
-    "key.pub",
-    "key-cert.pub",
-    "tlscert",
-    "tlscacerts",
-    "sshcacerts",
-    "tokenhash",
-}
 
 
 def tool(*argv: str, stdin: bytes | None = None) -> str:
@@ -81,9 +60,9 @@ def test_join_writes_exactly_tbots_identity_artifacts(joined: tuple[Path, Path])
     out, storage = joined
     names = {p.name for p in out.iterdir()}
     cluster_files = {n for n in names if n.endswith((".ssh_config", ".known_hosts"))}
-    assert names - cluster_files == IDENTITY_ARTIFACTS
+    assert names - cluster_files == IDENTITY_FILES | SSH_FILES
     assert len(cluster_files) == 2
-    assert {p.name for p in storage.iterdir()} >= BOT_ARTIFACTS
+    assert {p.name for p in storage.iterdir()} >= BOT_STORAGE_FILES
     assert not [n for n in names if ".tmp" in n], "temporary files left behind"
 
 

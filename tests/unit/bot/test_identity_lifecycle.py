@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from tbot_py.authservice import admin, ca
-from tbot_py.authservice.server import RunningAuthService, start_in_thread
+from tbot_py.authservice.server import RunningAuthService
 from tbot_py.bot.identity import (
     Clock,
     JoinParams,
@@ -36,27 +35,9 @@ from tbot_py.identity.model import (
     BOT_ARTIFACTS,
     Identity,
 )
+from tests.unit.conftest import BOT, utc_now
 
-BOT = "ci"
 TTL = timedelta(hours=1)
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[RunningAuthService]:
-    with start_in_thread(tmp_path / "auth") as running:
-        yield running
-
-
-@pytest.fixture
-def token(service: RunningAuthService) -> str:
-    """The first join token of bot "ci" (roles access and dev, login root)."""
-    return admin.add_bot(
-        service.cluster, BOT, roles=("access", "dev"), logins=("root",)
-    ).token.token
 
 
 @pytest.fixture(params=["memory", "directory"])

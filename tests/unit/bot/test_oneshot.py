@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,40 +13,14 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tbot_py.authservice import admin
-from tbot_py.authservice.server import RunningAuthService, start_in_thread
+from tbot_py.authservice.server import RunningAuthService
 from tbot_py.bot.identity import load_stored_identity
 from tbot_py.bot.oneshot import OneshotResult, OutputsFailed, run_oneshot
 from tbot_py.config import BotConfig, load_config_text
 from tbot_py.destinations import DirectoryDestination
 from tbot_py.errors import AccessDenied, DestinationError
 from tbot_py.identity import keys
-
-BOT = "ci"
-IDENTITY_FILES = {
-    "identity",
-    "key",
-    "key.pub",
-    "key-cert.pub",
-    "tlscert",
-    "teleport-host-ca.crt",
-    "teleport-user-ca.crt",
-    "teleport-database-ca.crt",
-}
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[RunningAuthService]:
-    with start_in_thread(tmp_path / "auth") as running:
-        yield running
-
-
-@pytest.fixture
-def token(service: RunningAuthService) -> str:
-    """The first join token of bot "ci" (roles access and dev, login root)."""
-    return admin.add_bot(
-        service.cluster, BOT, roles=("access", "dev"), logins=("root",)
-    ).token.token
+from tests.expected import IDENTITY_FILES
 
 
 def _output(name: str, path: Path, roles: list[str], **extra: Any) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import datetime
 import json
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID
 
 from tbot_py import __version__
-from tbot_py.authservice.server import RunningAuthService, start_in_thread
+from tbot_py.authservice.server import RunningAuthService
 from tbot_py.client import tls, wire
 from tbot_py.client.http import AuthClient, normalize_addr
 from tbot_py.errors import (
@@ -376,12 +376,6 @@ def test_certificate_verification_failure_deep_in_the_cause_chain_is_a_trust_err
     err = _fail(_raise(factory), lambda c: c.ping())
     assert type(err) is TrustError
     assert "self-signed certificate" in err.message
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[RunningAuthService]:
-    with start_in_thread(tmp_path / "auth") as running:
-        yield running
 
 
 def _closed_port() -> int:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from tbot_py.authservice.server import RunningAuthService, start_in_thread
+from tbot_py.authservice.server import RunningAuthService
 from tbot_py.client import wire
 from tbot_py.client.http import AuthClient
 from tbot_py.client.trust import first_contact_context, pinned_ca_pems
@@ -19,12 +18,6 @@ from tbot_py.errors import ConfigError, TrustError
 from tbot_py.identity import keys
 
 WRONG_PIN = "sha256:" + "ab" * 32
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[RunningAuthService]:
-    with start_in_thread(tmp_path / "auth") as running:
-        yield running
 
 
 def _ping_with(service: RunningAuthService, ctx: ssl.SSLContext) -> wire.PingResponse:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from tbot_py.authservice import admin
-from tbot_py.authservice.server import RunningAuthService, start_in_thread
+from tbot_py.authservice.server import RunningAuthService
 from tbot_py.bot.identity import JoinParams, obtain_bot_identity
 from tbot_py.client import tls
 from tbot_py.client.http import AuthClient
@@ -20,25 +18,12 @@ from tbot_py.destinations import Destination, DirectoryDestination, MemoryDestin
 from tbot_py.errors import AccessDenied
 from tbot_py.services.base import BotContext, GenerateResult
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService, split_host_port
+from tests.expected import IDENTITY_FILES
+from tests.unit.conftest import BOT, utc_now
 
-BOT = "ci"
-IDENTITY_FILES = {
-    "identity",
-    "key",
-    "key.pub",
-    "key-cert.pub",
-    "tlscert",
-    "teleport-host-ca.crt",
-    "teleport-user-ca.crt",
-    "teleport-database-ca.crt",
-}
 SETTINGS = IdentityOutputSettings(
     name="out", roles=("dev",), allow_reissue=False, ssh_config=True, ttl=timedelta(minutes=30)
 )
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- split_host_port --------------------------------------------------------------------
@@ -68,19 +53,6 @@ def test_split_host_port_uses_the_given_default_port() -> None:
 
 
 # -- generate ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def service(tmp_path: Path) -> Iterator[RunningAuthService]:
-    with start_in_thread(tmp_path / "auth") as running:
-        yield running
-
-
-@pytest.fixture
-def token(service: RunningAuthService) -> str:
-    return admin.add_bot(
-        service.cluster, BOT, roles=("access", "dev"), logins=("root",)
-    ).token.token
 
 
 def _generate(
