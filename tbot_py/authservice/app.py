@@ -178,7 +178,12 @@ class AuthAPI:
     # -- mTLS: the bot's own certificate ----------------------------------------------
 
     async def renew(self, request: web.Request) -> web.Response:
-        """``POST /v1/bot/renew``: a new bot identity for a new key; bumps the generation."""
+        """``POST /v1/bot/renew``: a new bot identity for a new key; bumps the generation.
+
+        A retry from the previous generation with the same new key gets the
+        stored answer again (see ``Storage.renew_instance``), so a bot that
+        crashed before saving its renewed identity is not locked out.
+        """
         with _audit("bot.renew", request) as fields:
             now = self.clock()
             caller = self._caller(request, now, fields)
@@ -187,26 +192,42 @@ class AuthAPI:
             expires = ca.grant_expiry(req.expires, now)
             bot = await self._bot(caller)
             ident = caller.identity
-            # Checked and bumped in one transaction: a certificate renews at most once.
-            generation = await asyncio.to_thread(
-                self.cluster.storage.advance_generation,
+
+            def issue(generation: int) -> tuple[str, datetime]:
+                certs = ca.issue_bot_identity(
+                    self.cluster.cas,
+                    bot.profile,
+                    instance_id=ident.bot_instance_id,
+                    generation=generation,
+                    public_key=public_key,
+                    expires=expires,
+                    now=now,
+                )
+                return json.dumps(certs.to_json()), expires
+
+            # Checked, issued and recorded in one transaction: a certificate
+            # renews at most once, and only its exact retry gets that answer again.
+            answer = await asyncio.to_thread(
+                self.cluster.storage.renew_instance,
                 bot.name,
                 ident.bot_instance_id,
-                ident.generation,
-                now,
-            )
-            fields["generation"] = generation
-            certs = ca.issue_bot_identity(
-                self.cluster.cas,
-                bot.profile,
-                instance_id=ident.bot_instance_id,
-                generation=generation,
-                public_key=public_key,
-                expires=expires,
+                presented=ident.generation,
+                new_key_spki=keys.spki_der(public_key),
                 now=now,
+                issue=issue,
             )
-            fields["expires"] = wire.format_time(expires)
-        return web.json_response(certs.to_json())
+            if answer.retry:
+                log.info(
+                    "bot.renew idempotent retry bot=%s instance=%s presented=%d: "
+                    "answering with the stored generation %d identity, generation not advanced",
+                    bot.name,
+                    ident.bot_instance_id,
+                    ident.generation,
+                    answer.generation,
+                )
+            fields["generation"] = answer.generation
+            fields["expires"] = wire.format_time(answer.expires)
+        return web.json_response(text=answer.body)
 
     async def certs(self, request: web.Request) -> web.Response:
         """``POST /v1/bot/certs``: an impersonated identity for an output."""

@@ -9,14 +9,20 @@ up front so a read-then-write step cannot race another process.
 Join tokens are stored only as SHA-256 hex; the value itself never reaches
 the database. Times are stored as fixed-width UTC text, which sorts and
 compares correctly as a string and reads well in the ``sqlite3`` shell.
+
+Each bot instance also keeps its last renewal (the generation it was renewed
+from, the SHA-256 of the new public key and the exact answer), so a bot that
+crashed before saving that answer can fetch it again: see ``renew_instance``.
+The answer holds only certificates, never a private key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +32,7 @@ from tbot_py.authservice.ca import BotProfile
 from tbot_py.authservice.errors import AccessDenied, AlreadyExists, AuthServiceError, NotFound
 
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 5000
 JOIN_METHOD_TOKEN = "token"  # noqa: S105 - a join method name, not a secret
 
@@ -62,7 +68,17 @@ _SCHEMA_V1 = (
     "CREATE INDEX bot_instances_bot ON bot_instances(bot_name)",
 )
 
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1}
+# v2: each instance's last renewal, for idempotent retries (see Storage.renew_instance):
+# the generation presented, SHA-256 hex of the new key's SubjectPublicKeyInfo DER,
+# the exact JSON answer and its certificates' NotAfter. NULL until the first renewal.
+_SCHEMA_V2 = (
+    "ALTER TABLE bot_instances ADD COLUMN renewed_from INTEGER",
+    "ALTER TABLE bot_instances ADD COLUMN renewal_key_sha256 TEXT",
+    "ALTER TABLE bot_instances ADD COLUMN renewal_answer TEXT",
+    "ALTER TABLE bot_instances ADD COLUMN renewal_expires_at TEXT",
+)
+
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
 
 # Teleport's wording; deliberately the same for unknown, used and expired tokens.
 TOKEN_NOT_VALID = 'can not join the cluster with role "Bot", the token is not valid'  # noqa: S105
@@ -104,6 +120,25 @@ class BotInstanceRecord:
     generation: int
     created_at: datetime
     last_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class RenewalAnswer:
+    """The answer to a bot renewal.
+
+    ``body`` is the exact JSON response, ``generation`` and ``expires`` the
+    generation and NotAfter of the certificates in it. ``retry`` is True when
+    this is the stored answer to an earlier renewal, given again.
+    """
+
+    generation: int
+    body: str
+    expires: datetime
+    retry: bool = False
+
+
+#: Issues the certificates for a generation: returns the JSON answer and its NotAfter.
+IssueRenewal = Callable[[int], tuple[str, datetime]]
 
 
 class Storage:
@@ -297,33 +332,83 @@ class Storage:
             last_seen_at=_dt(row[4]),
         )
 
-    def advance_generation(
-        self, bot_name: str, instance_id: str, presented: int, now: datetime
-    ) -> int:
-        """Check the presented generation and bump it; return the new one.
+    def renew_instance(
+        self,
+        bot_name: str,
+        instance_id: str,
+        *,
+        presented: int,
+        new_key_spki: bytes,
+        now: datetime,
+        issue: IssueRenewal,
+    ) -> RenewalAnswer:
+        """Renew an instance from generation ``presented`` for a new key; at most once.
 
-        Raises AccessDenied when the instance is unknown or ``presented`` is
-        not the stored generation (the certificate was already renewed once).
+        When ``presented`` is the stored generation, ``issue(presented + 1)``
+        makes the answer; it is stored with ``presented`` and the SHA-256 of
+        ``new_key_spki`` (the new key's SubjectPublicKeyInfo DER), and the
+        generation advances. When ``presented`` is one behind, the last renewal
+        was from ``presented`` for the same key and its answer has not expired
+        at ``now``, this is a retry by a bot that lost that answer: the stored
+        answer comes back, nothing is issued and the generation stays. Anything
+        else is a generation mismatch.
+
+        Checked and written in one transaction, so concurrent renewals from one
+        generation advance it once. Raises AccessDenied when the instance is
+        unknown or on a mismatch.
         """
+        key_sha256 = hashlib.sha256(new_key_spki).hexdigest()
         with self._transaction(write=True) as conn:
             row = conn.execute(
-                "SELECT generation FROM bot_instances WHERE id = ? AND bot_name = ?",
+                "SELECT generation, renewed_from, renewal_key_sha256, renewal_answer, "
+                "renewal_expires_at FROM bot_instances WHERE id = ? AND bot_name = ?",
                 (instance_id, bot_name),
             ).fetchone()
             if row is None:
                 raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
             stored = int(row[0])
-            updated = conn.execute(
-                "UPDATE bot_instances SET generation = generation + 1, last_seen_at = ? "
-                "WHERE id = ? AND bot_name = ? AND generation = ?",
-                (_ts(now), instance_id, bot_name, presented),
-            ).rowcount
-            if updated != 1:
-                raise AccessDenied(
-                    f"cert generation mismatch for bot {bot_name}/{instance_id}: "
-                    f"stored={stored}, presented={presented}"
+            renewed_from, renewal_key, renewal_answer, renewal_expires = row[1:]
+            if presented == stored:
+                generation = stored + 1
+                body, expires = issue(generation)
+                conn.execute(
+                    "UPDATE bot_instances SET generation = ?, last_seen_at = ?, "
+                    "renewed_from = ?, renewal_key_sha256 = ?, renewal_answer = ?, "
+                    "renewal_expires_at = ? WHERE id = ? AND bot_name = ?",
+                    (
+                        generation,
+                        _ts(now),
+                        presented,
+                        key_sha256,
+                        body,
+                        _ts(expires),
+                        instance_id,
+                        bot_name,
+                    ),
                 )
-        return presented + 1
+                return RenewalAnswer(generation=generation, body=body, expires=expires)
+            if (
+                presented == stored - 1
+                and renewed_from == presented
+                and renewal_key == key_sha256
+                and renewal_answer is not None
+                and renewal_expires is not None
+                and _dt(renewal_expires) > now
+            ):
+                conn.execute(
+                    "UPDATE bot_instances SET last_seen_at = ? WHERE id = ? AND bot_name = ?",
+                    (_ts(now), instance_id, bot_name),
+                )
+                return RenewalAnswer(
+                    generation=stored,
+                    body=str(renewal_answer),
+                    expires=_dt(renewal_expires),
+                    retry=True,
+                )
+            raise AccessDenied(
+                f"cert generation mismatch for bot {bot_name}/{instance_id}: "
+                f"stored={stored}, presented={presented}"
+            )
 
     def touch_instance(self, bot_name: str, instance_id: str, now: datetime) -> bool:
         """Record that the instance was seen; False when it does not exist."""

@@ -11,6 +11,12 @@ The decision follows tbot (tbot.md §7.1-7.2):
 The new identity is written to storage *before* anything uses it: the server
 has already advanced the generation counter, so an identity that is used but
 not saved would lock the bot out after a crash.
+
+A crash can also fall between the server's answer and that write. So the new
+private key is persisted (``pending-key``) *before* the renewal is sent; after
+a restart the renewal is retried with the same key, and the auth service
+answers a retry (same presented generation, same new key) with the answer it
+already gave instead of a generation-mismatch lockout.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from tbot_py.identity.model import BOT_ARTIFACTS, Identity
 log = logging.getLogger("tbot_py.bot")
 
 Clock = Callable[[], datetime]
+#: Where the key of a renewal in flight is kept until its certificates are saved.
+ARTIFACT_PENDING_KEY = "pending-key"
 
 
 @dataclass(frozen=True)
@@ -61,8 +69,32 @@ def load_stored_identity(storage: Destination) -> tuple[Identity, str] | None:
 
 
 def save_identity(storage: Destination, identity: Identity, token_hash: str) -> None:
-    """Persist the bot identity; returns only once every file is durably written."""
-    storage.write_many(identity.to_bot_artifacts(token_hash))
+    """Persist the bot identity and clear any pending renewal key; durable on return."""
+    files = identity.to_bot_artifacts(token_hash)
+    files[ARTIFACT_PENDING_KEY] = b""
+    storage.write_many(files)
+
+
+def renewal_key(storage: Destination, current: Identity) -> keys.PrivateKey:
+    """The key for the next renewal: the pending one if a renewal was cut short, else a new one.
+
+    A new key is persisted before it is used, so a crash after the server answered
+    can be retried with the same key. A pending key that already holds the current
+    certificates (a crash after saving, before clearing it) is not reused.
+    """
+    pending = storage.read(ARTIFACT_PENDING_KEY)
+    if pending:
+        try:
+            key = keys.load_private_key_pem(pending)
+        except IdentityError:
+            log.warning("ignoring an unreadable pending renewal key in %s", storage.describe())
+        else:
+            if not keys.same_public_key(key.public_key(), current.private_key.public_key()):
+                log.info("retrying a renewal that was cut short, with its persisted key")
+                return key
+    key = keys.generate_private_key()
+    storage.write(ARTIFACT_PENDING_KEY, keys.private_key_pem(key))
+    return key
 
 
 def describe(identity: Identity) -> str:
@@ -90,14 +122,22 @@ async def join_with_token(
     return Identity.from_certs(key, certs)
 
 
-async def renew_identity(addr: str, current: Identity, ttl: timedelta, now: datetime) -> Identity:
-    """Renew a renewable identity with a fresh key, authenticating with the current one.
+async def renew_identity(
+    addr: str,
+    current: Identity,
+    key: keys.PrivateKey,
+    ttl: timedelta,
+    now: datetime,
+    *,
+    after_response: Callable[[], None] | None = None,
+) -> Identity:
+    """Renew a renewable identity for ``key``, authenticating with the current one.
 
     A new short-lived client is built for every renewal: the generation
     counter lives in the certificate, so the old connection must not be reused.
+    ``after_response`` runs between the answer and anything else (crash tests).
     """
     ctx = tls.mtls_context(current.tls_cert_pem, current.private_key_pem, current.tls_ca_pems)
-    key = keys.generate_private_key()
     request = wire.RenewRequest(keys=fresh_public_keys(key), expires=now + ttl)
     async with AuthClient(addr, ctx) as client:
         try:
@@ -109,11 +149,17 @@ async def renew_identity(addr: str, current: Identity, ttl: timedelta, now: date
                 "with it"
             )
             raise
+    if after_response is not None:
+        after_response()
     return Identity.from_certs(key, certs)
 
 
 async def obtain_bot_identity(
-    params: JoinParams, storage: Destination, ttl: timedelta, clock: Clock
+    params: JoinParams,
+    storage: Destination,
+    ttl: timedelta,
+    clock: Clock,
+    after_response: Callable[[], None] | None = None,
 ) -> Identity:
     """Load, then join or renew, then save the bot identity. Returns the saved identity."""
     token = params.token
@@ -140,11 +186,15 @@ async def obtain_bot_identity(
     else:
         identity, token_hash = stored[0], stored[1]
         if not identity.tls_identity.renewable:
-            raise IdentityError(
+            raise ConfigError(
                 f"the stored identity in {storage.describe()} is not renewable; "
-                "configure a join token to join again"
+                "configure a join token to join again",
+                yaml_path="onboarding.token",
             )
-        identity = await renew_identity(params.addr, identity, ttl, now)
+        key = renewal_key(storage, identity)
+        identity = await renew_identity(
+            params.addr, identity, key, ttl, now, after_response=after_response
+        )
         log.info("renewed the bot identity: %s", describe(identity))
     save_identity(storage, identity, token_hash)
     return identity

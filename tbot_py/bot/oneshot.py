@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -95,7 +95,11 @@ def join_params(config: BotConfig) -> JoinParams:
 
 
 async def run_oneshot(
-    config: BotConfig, *, clock: Clock = utc_now, executable: str = "tbot-py"
+    config: BotConfig,
+    *,
+    clock: Clock = utc_now,
+    executable: str = "tbot-py",
+    after_renew_response: Callable[[], None] | None = None,
 ) -> OneshotResult:
     """Obtain the bot identity, write every output once, and return what was written."""
     addr = config.require_address()
@@ -111,7 +115,9 @@ async def run_oneshot(
             "and needs a fresh join token"
         )
     with storage.lock():
-        bot_identity = await obtain_bot_identity(params, storage, config.credential_ttl, clock)
+        bot_identity = await obtain_bot_identity(
+            params, storage, config.credential_ttl, clock, after_renew_response
+        )
         ctx = tls.mtls_context(
             bot_identity.tls_cert_pem, bot_identity.private_key_pem, bot_identity.tls_ca_pems
         )

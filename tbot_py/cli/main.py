@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import time
 from typing import Any
 
 import click
@@ -24,6 +25,8 @@ _LAZY_COMMANDS = {
     "start": ("tbot_py.cli.start", "start"),
     "configure": ("tbot_py.cli.start", "configure"),
     "auth": ("tbot_py.cli.auth", "auth"),
+    "wait": ("tbot_py.cli.wait", "wait"),
+    "install": ("tbot_py.cli.install", "install"),
 }
 
 
@@ -39,15 +42,39 @@ class _LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
-def setup_logging(debug: bool) -> None:
-    """Human-readable logs on stderr; stdout is kept for command output."""
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line, for journald, Loki and friends (``--log-format json``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+
+        entry = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def setup_logging(debug: bool, log_format: str = "text") -> None:
+    """Logs on stderr, text for people or JSON for machines; stdout is kept for output."""
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        formatter: logging.Formatter = JSONFormatter()
+    else:
+        formatter = logging.Formatter(
+            "%(asctime)s %(levelname)-5s [%(name)s] %(message)s", "%Y-%m-%dT%H:%M:%S"
+        )
+    formatter.converter = time.gmtime
+    handler.setFormatter(formatter)
     logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)-5s [%(name)s] %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
+        level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True
     )
+    # APScheduler narrates every job run at INFO; our own lines say what matters.
+    logging.getLogger("apscheduler").setLevel(logging.DEBUG if debug else logging.WARNING)
     # httpx logs every request at INFO; that is our debug detail, not the operator's.
     logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -93,10 +94,24 @@ def _config_options(func: F) -> F:
             "--oneshot/--no-oneshot", default=None, help="Write every output once and exit."
         ),
         click.option("-d", "--debug/--no-debug", default=None, help="Verbose logging."),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            help="Log lines as text (default) or one JSON object per line.",
+        ),
+        click.option(
+            "--diag-addr",
+            help="Serve /livez, /readyz, /wait and /metrics here, e.g. 127.0.0.1:3001.",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
     return func
+
+
+def _setup_logging(params: dict[str, Any]) -> None:
+    setup_logging(debug=bool(params.get("debug")), log_format=params.get("log_format") or "text")
 
 
 def _identity_options(func: F) -> F:
@@ -147,6 +162,7 @@ def _build_config(params: dict[str, Any], *, load_file: bool) -> BotConfig:
         renewal_interval=params.get("renewal_interval"),
         oneshot=params.get("oneshot"),
         debug=params.get("debug"),
+        diag_addr=params.get("diag_addr"),
     )
     return apply_overrides(base, overrides)
 
@@ -171,10 +187,23 @@ def own_executable() -> str:
     return shutil.which("tbot-py") or "tbot-py"
 
 
-def run_config(config: BotConfig) -> None:
-    """Log what the config says about itself, then run it."""
+# Test-only fault injection: kill the process between the server's renewal answer and
+# the write, to prove a crash there cannot lock the bot out. Never set in production.
+_FAULT_KILL_AFTER_RENEW = "TBOT_PY_TEST_KILL_AFTER_RENEW_RESPONSE"
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_config(
+    config: BotConfig,
+    reload: Callable[[], BotConfig] | None = None,
+    log_format: str = "text",
+) -> None:
+    """Log what the config says about itself, then run it once or in the background."""
     if config.debug:
-        setup_logging(debug=True)
+        setup_logging(debug=True, log_format=log_format)
     for notice in config.notices:
         log.info("%s", notice)
     for warning in config.warnings:
@@ -185,16 +214,48 @@ def run_config(config: BotConfig) -> None:
             "no services configured: add one under services: or use "
             "`tbot-py start identity --destination DIR`"
         )
+    fault = _kill_self if os.environ.get(_FAULT_KILL_AFTER_RENEW) == "1" else None
     if not config.oneshot:
-        raise ConfigError(
-            "background mode is not available in this version yet; pass --oneshot or set "
-            "oneshot: true (a systemd timer or cron job can run it periodically)"
-        )
+        _run_daemon(config, reload, fault)
+        return
     from tbot_py.bot.oneshot import run_oneshot
 
-    result = asyncio.run(run_oneshot(config, executable=own_executable()))
+    result = asyncio.run(
+        run_oneshot(config, executable=own_executable(), after_renew_response=fault)
+    )
     for output in result.outputs:
         log.info("%s: %d files in %s", output.service, len(output.files), output.destination)
+
+
+def _run_daemon(
+    config: BotConfig, reload: Callable[[], BotConfig] | None, fault: Callable[[], None] | None
+) -> None:
+    from tbot_py.bot.daemon import Daemon
+    from tbot_py.bot.oneshot import utc_now
+    from tbot_py.diagnostics.health import HealthRegistry
+    from tbot_py.diagnostics.http import DiagnosticsServer
+    from tbot_py.diagnostics.metrics import Metrics
+    from tbot_py.diagnostics.sdnotify import Notifier
+
+    metrics = Metrics()
+    health = HealthRegistry(utc_now, observer=metrics)
+    server = None
+    if config.diag_addr:
+        server = DiagnosticsServer(config.diag_addr, health, metrics)
+        log.info("diagnostics on http://%s (/livez /readyz /wait /metrics)", server.start())
+    daemon = Daemon(
+        config,
+        executable=own_executable(),
+        reload=reload,
+        notifier=Notifier(os.environ),
+        health=health,
+        after_renew_response=fault,
+    )
+    try:
+        asyncio.run(daemon.run())
+    finally:
+        if server is not None:
+            server.stop()
 
 
 @click.group(invoke_without_command=True)
@@ -204,13 +265,17 @@ def start(ctx: click.Context, /, **params: Any) -> None:
     """Start the bot from a config file: tbot-py start -c FILE [--oneshot]."""
     if ctx.invoked_subcommand is not None:
         return
-    setup_logging(debug=bool(params.get("debug")))
+    _setup_logging(params)
     if not params.get("config_path"):
         raise ConfigError(
             "no config file: pass -c FILE (or set TBOT_CONFIG_PATH), or use "
             "`tbot-py start identity --destination DIR ...`"
         )
-    run_config(_build_config(params, load_file=True))
+    run_config(
+        _build_config(params, load_file=True),
+        reload=lambda: _build_config(params, load_file=True),
+        log_format=params["log_format"],
+    )
 
 
 @click.command("identity")
@@ -218,9 +283,13 @@ def start(ctx: click.Context, /, **params: Any) -> None:
 @_identity_options
 def start_identity(**params: Any) -> None:
     """Start with an identity output (for ssh, tsh and curl); aliases: ssh, id."""
-    setup_logging(debug=bool(params.get("debug")))
-    config = _with_identity_service(_build_config(params, load_file=True), params)
-    run_config(config)
+    _setup_logging(params)
+
+    def build() -> BotConfig:
+        return _with_identity_service(_build_config(params, load_file=True), params)
+
+    reload = build if params.get("config_path") else None
+    run_config(build(), reload=reload, log_format=params["log_format"])
 
 
 for _alias in ("identity", "ssh", "id"):
@@ -243,7 +312,7 @@ def configure() -> None:
 )
 def configure_identity(**params: Any) -> None:
     """Print the YAML for an identity output; aliases: ssh, id."""
-    setup_logging(debug=bool(params.get("debug")))
+    _setup_logging(params)
     if params.get("config_path"):
         log.warning(
             "configure builds the config from flags only; ignoring -c %s", params["config_path"]

@@ -24,6 +24,12 @@ Loc = tuple[str | int, ...]
 
 CONFIG_ERROR_TYPE = "tbot_config"
 MAX_RENEWABLE_CREDENTIAL_TTL = timedelta(hours=24)
+DEFAULT_HOOK_TIMEOUT = timedelta(seconds=30)
+MAX_HOOK_TIMEOUT = timedelta(minutes=10)
+HOOK_COMMAND_HINT = (
+    'command must be an argv list such as ["systemctl", "reload", "nginx"]; '
+    'use ["sh", "-c", "..."] for a shell'
+)
 
 SUPPORTED_JOIN_METHODS = ("token",)
 KNOWN_JOIN_METHODS = frozenset(
@@ -177,7 +183,32 @@ def _fspath(value: object) -> object:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
+def _check_hook_timeout(value: timedelta) -> timedelta:
+    if value > MAX_HOOK_TIMEOUT:
+        raise config_problem(
+            f"hook timeout must be at most {format_duration(MAX_HOOK_TIMEOUT)}, "
+            f'got "{format_duration(value)}"'
+        )
+    return value
+
+
+def check_hook_command(value: object) -> object:
+    """A hook command must be a non-empty argv list; a string gets a hint, not shell parsing."""
+    if isinstance(value, str):
+        raise config_problem(HOOK_COMMAND_HINT)
+    if not isinstance(value, list):
+        raise config_problem(f"{HOOK_COMMAND_HINT} (got {describe_type(value)})")
+    if not value:
+        raise config_problem(f"must not be empty: {HOOK_COMMAND_HINT}")
+    if isinstance(value[0], str) and not value[0].strip():
+        raise config_problem("the program (first item) must not be empty", (0,))
+    return value
+
+
 PositiveDuration = Annotated[timedelta, BeforeValidator(_to_positive_duration)]
+HookTimeout = Annotated[
+    timedelta, BeforeValidator(_to_positive_duration), AfterValidator(_check_hook_timeout)
+]
 Address = Annotated[str, AfterValidator(check_address)]
 NonEmptyPath = Annotated[str, BeforeValidator(_fspath), AfterValidator(_non_empty)]
 

@@ -56,6 +56,7 @@ class CLIOverrides:
     renewal_interval: str | None = None
     oneshot: bool | None = None
     debug: bool | None = None
+    diag_addr: str | None = None  # host:port of the diagnostics server
 
 
 def apply_overrides(config: BotConfig | None, flags: CLIOverrides) -> BotConfig:
@@ -81,6 +82,9 @@ def apply_overrides(config: BotConfig | None, flags: CLIOverrides) -> BotConfig:
         edit.set(("oneshot",), flags.oneshot, "--oneshot")
     if flags.debug is not None:
         edit.set(("debug",), flags.debug, "--debug")
+    if flags.diag_addr is not None:
+        address = _flag_check(check_address, flags.diag_addr, "--diag-addr")
+        edit.set(("diag_addr",), address, "--diag-addr")
     return edit.validate()
 
 

@@ -52,6 +52,8 @@ def config_to_data(config: BotConfig) -> dict[str, Any]:
     data["oneshot"] = config.oneshot
     if config.debug:
         data["debug"] = True
+    if config.diag_addr is not None:
+        data["diag_addr"] = config.diag_addr
     per_type: dict[str, int] = {}
     services = []
     for service in config.services:

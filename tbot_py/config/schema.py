@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -24,12 +24,15 @@ from pydantic import (
 )
 
 from tbot_py.config._checks import (
+    DEFAULT_HOOK_TIMEOUT,
     Address,
     ConfigWarning,
+    HookTimeout,
     Loc,
     NonEmptyPath,
     PositiveDuration,
     check_ca_pin,
+    check_hook_command,
     check_join_method,
     check_service_name,
     config_problem,
@@ -43,6 +46,9 @@ from tbot_py.config._checks import (
     trust_conflicts,
 )
 from tbot_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tbot_py.services.hooks import Hook
 
 DEFAULT_CREDENTIAL_TTL = timedelta(hours=1)
 DEFAULT_RENEWAL_INTERVAL = timedelta(minutes=20)
@@ -231,11 +237,19 @@ def _on_off(value: object) -> object:
     return value
 
 
+class HookConfig(_Model):
+    """A command run after the service has written renewed credentials (``hooks:`` items)."""
+
+    command: Annotated[list[str], BeforeValidator(check_hook_command)]
+    timeout: HookTimeout = DEFAULT_HOOK_TIMEOUT
+
+
 class _ServiceBase(_Model):
     type: str
     name: Annotated[str, AfterValidator(check_service_name)] | None = None
     credential_ttl: PositiveDuration | None = None
     renewal_interval: PositiveDuration | None = None
+    hooks: list[HookConfig] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _check_lifetime_pair(self) -> _ServiceBase:
@@ -251,6 +265,12 @@ class _ServiceBase(_Model):
         if self.credential_ttl is not None and self.renewal_interval is not None:
             return self.credential_ttl, self.renewal_interval
         return bot.credential_ttl, bot.renewal_interval
+
+    def hook_list(self) -> tuple[Hook, ...]:
+        """The ``hooks`` as values for ``tbot_py.services.hooks.run_hooks``, in order."""
+        from tbot_py.services.hooks import Hook  # lazily: it loads asyncio
+
+        return tuple(Hook(command=tuple(h.command), timeout=h.timeout) for h in self.hooks)
 
 
 class IdentityServiceConfig(_ServiceBase):
@@ -310,6 +330,8 @@ class BotConfig(_Model):
     version: Annotated[Literal["v2"], BeforeValidator(_check_version)]
     proxy_server: Address | None = None
     auth_server: Address | None = None
+    # Where the diagnostics HTTP server listens (health, readiness, metrics); off if unset.
+    diag_addr: Address | None = None
     # tbot accepts insecure at the top level too; validation folds it into onboarding.insecure.
     insecure: bool = False
     onboarding: Onboarding = Field(default_factory=Onboarding)

@@ -44,6 +44,8 @@ class GenerateResult:
     destination: str
     files: tuple[str, ...]
     identity: Identity
+    #: True when any file's bytes differ from what the destination held before.
+    changed: bool = True
 
 
 class OutputService(Protocol):

@@ -111,6 +111,7 @@ class IdentityService:
             known_hosts=self._known_hosts_target(bot),
             ssh_config_dir=directory,
         )
+        changed = any(self.destination.read(name) != data for name, data in files.items())
         self.destination.write_many(files)
         log.info(
             "%s: wrote %d files to %s (%s, roles %s, valid until %s)",
@@ -126,4 +127,5 @@ class IdentityService:
             destination=self.destination.describe(),
             files=tuple(files),
             identity=identity,
+            changed=changed,
         )

@@ -7,11 +7,18 @@ import stat
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tbot_py.authservice.errors import AccessDenied, AlreadyExists, NotFound
-from tbot_py.authservice.storage import SCHEMA_VERSION, BotRecord, SchemaTooNew, Storage
+from tbot_py.authservice.storage import (
+    SCHEMA_VERSION,
+    BotRecord,
+    RenewalAnswer,
+    SchemaTooNew,
+    Storage,
+)
 from tbot_py.identity import keys
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
@@ -114,25 +121,252 @@ def test_concurrent_joins_with_one_token_admit_exactly_one(storage: Storage) -> 
     assert storage.list_bots()[0].instance_count == 1
 
 
-def test_advance_generation_bumps_the_presented_generation(storage: Storage) -> None:
+KEY_A = b"spki-der-of-key-a"  # renew_instance only hashes the DER it is given
+KEY_B = b"spki-der-of-key-b"
+
+
+class Issuer:
+    """Stands in for the CA: records each generation it is asked to issue."""
+
+    def __init__(self, ttl: timedelta = timedelta(hours=1)) -> None:
+        self.ttl = ttl
+        self.calls: list[int] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, generation: int) -> tuple[str, datetime]:
+        with self._lock:
+            self.calls.append(generation)
+        return f'{{"generation": {generation}, "call": {len(self.calls)}}}', NOW + self.ttl
+
+
+def _renew(
+    storage: Storage,
+    presented: int,
+    key: bytes = KEY_A,
+    *,
+    now: datetime = NOW,
+    issuer: Issuer | None = None,
+    instance: str = "i-1",
+) -> RenewalAnswer:
+    return storage.renew_instance(
+        "ci",
+        instance,
+        presented=presented,
+        new_key_spki=key,
+        now=now,
+        issue=issuer or Issuer(),
+    )
+
+
+def _mismatch(storage: Storage, presented: int, key: bytes = KEY_A, **kw: Any) -> str:
+    with pytest.raises(AccessDenied) as err:
+        _renew(storage, presented, key, **kw)
+    return err.value.message
+
+
+@pytest.fixture
+def one_instance(storage: Storage) -> Storage:
     storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
-    assert storage.advance_generation("ci", "i-1", 1, NOW) == 2
-    assert storage.advance_generation("ci", "i-1", 2, NOW) == 3
-    instance = storage.get_instance("ci", "i-1")
+    return storage
+
+
+def test_renewal_issues_the_next_generation_and_advances(one_instance: Storage) -> None:
+    issuer = Issuer()
+    first = _renew(one_instance, 1, issuer=issuer)
+    assert (first.generation, first.retry, first.expires) == (2, False, NOW + timedelta(hours=1))
+    assert _renew(one_instance, 2, KEY_B, issuer=issuer).generation == 3
+    assert issuer.calls == [2, 3]
+    instance = one_instance.get_instance("ci", "i-1")
     assert instance is not None and instance.generation == 3
 
 
-def test_stale_generation_is_a_mismatch_naming_both_numbers(storage: Storage) -> None:
-    storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
-    storage.advance_generation("ci", "i-1", 1, NOW)
-    with pytest.raises(AccessDenied) as err:
-        storage.advance_generation("ci", "i-1", 1, NOW)
-    assert err.value.message == "cert generation mismatch for bot ci/i-1: stored=2, presented=1"
+def test_retry_with_the_same_generation_and_key_returns_the_stored_answer(
+    one_instance: Storage,
+) -> None:
+    issuer = Issuer()
+    first = _renew(one_instance, 1, issuer=issuer)
+    later = NOW + timedelta(minutes=5)
+    retry = _renew(one_instance, 1, now=later, issuer=issuer)
+    assert retry == RenewalAnswer(generation=2, body=first.body, expires=first.expires, retry=True)
+    assert issuer.calls == [2]  # nothing issued for the retry
+    instance = one_instance.get_instance("ci", "i-1")
+    assert instance is not None and (instance.generation, instance.last_seen_at) == (2, later)
 
 
-def test_advancing_an_unknown_instance_is_denied(storage: Storage) -> None:
+def test_same_generation_with_another_key_is_a_mismatch(one_instance: Storage) -> None:
+    _renew(one_instance, 1, KEY_A)
+    assert _mismatch(one_instance, 1, KEY_B) == (
+        "cert generation mismatch for bot ci/i-1: stored=2, presented=1"
+    )
+    # The refused attempt changes nothing: the real holder can still retry.
+    assert _renew(one_instance, 1, KEY_A).retry
+
+
+def test_retry_after_the_stored_answer_expired_is_a_mismatch(one_instance: Storage) -> None:
+    first = _renew(one_instance, 1)
+    assert _renew(one_instance, 1, now=first.expires - timedelta(seconds=1)).retry
+    assert _mismatch(one_instance, 1, now=first.expires) == (
+        "cert generation mismatch for bot ci/i-1: stored=2, presented=1"
+    )
+
+
+def test_generation_older_than_the_last_renewal_is_a_mismatch(one_instance: Storage) -> None:
+    _renew(one_instance, 1, KEY_A)
+    _renew(one_instance, 2, KEY_B)
+    for key in (KEY_A, KEY_B):
+        assert _mismatch(one_instance, 1, key).endswith("stored=3, presented=1")
+    assert _renew(one_instance, 2, KEY_B).retry  # only the latest renewal can be retried
+
+
+def test_generation_ahead_of_the_stored_one_is_a_mismatch(one_instance: Storage) -> None:
+    assert _mismatch(one_instance, 2).endswith("stored=1, presented=2")
+
+
+def test_renewing_an_unknown_instance_is_denied(storage: Storage) -> None:
     with pytest.raises(AccessDenied, match="not found"):
-        storage.advance_generation("ci", "nope", 1, NOW)
+        _renew(storage, 1, instance="nope")
+
+
+def test_a_failing_issue_leaves_the_generation_alone(one_instance: Storage) -> None:
+    def broken(generation: int) -> tuple[str, datetime]:
+        raise RuntimeError("signing failed")
+
+    with pytest.raises(RuntimeError):
+        one_instance.renew_instance(
+            "ci", "i-1", presented=1, new_key_spki=KEY_A, now=NOW, issue=broken
+        )
+    assert _renew(one_instance, 1).generation == 2
+
+
+def test_concurrent_retries_advance_the_generation_once(one_instance: Storage) -> None:
+    issuer = Issuer()
+    results: list[RenewalAnswer] = []
+    barrier = threading.Barrier(8)
+
+    def renew() -> None:
+        barrier.wait()
+        results.append(_renew(one_instance, 1, issuer=issuer))
+
+    threads = [threading.Thread(target=renew) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert issuer.calls == [2]
+    assert len(results) == 8
+    assert {(r.generation, r.body) for r in results} == {(2, results[0].body)}
+    assert sorted(r.retry for r in results) == [False] + [True] * 7
+
+
+def test_concurrent_renewals_with_different_keys_admit_exactly_one(one_instance: Storage) -> None:
+    results: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def renew(n: int) -> None:
+        barrier.wait()
+        try:
+            _renew(one_instance, 1, f"key-{n}".encode())
+            results.append("ok")
+        except AccessDenied:
+            results.append("denied")
+
+    threads = [threading.Thread(target=renew, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["denied"] * 7 + ["ok"]
+
+
+# -- schema migrations ----------------------------------------------------------------
+
+# The schema exactly as tbot-py created it at user_version 1, frozen here.
+SCHEMA_V1_SQL = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE bots (
+    name       TEXT PRIMARY KEY,
+    roles      TEXT NOT NULL,     -- JSON list of role names
+    logins     TEXT NOT NULL,     -- JSON list of SSH logins
+    created_at TEXT NOT NULL
+);
+CREATE TABLE join_tokens (
+    token_hash  TEXT PRIMARY KEY, -- keys.token_hash(value), never the value
+    bot_name    TEXT NOT NULL REFERENCES bots(name) ON DELETE CASCADE,
+    join_method TEXT NOT NULL,
+    expires_at  TEXT NOT NULL,
+    created_at  TEXT NOT NULL
+);
+CREATE INDEX join_tokens_bot ON join_tokens(bot_name);
+CREATE TABLE bot_instances (
+    id           TEXT PRIMARY KEY,
+    bot_name     TEXT NOT NULL REFERENCES bots(name) ON DELETE CASCADE,
+    generation   INTEGER NOT NULL,
+    created_at   TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL
+);
+CREATE INDEX bot_instances_bot ON bot_instances(bot_name);
+PRAGMA user_version = 1;
+"""
+V1_TIME = "2030-01-02T03:04:05.123456Z"  # NOW, in the stored format
+
+
+def _make_v1_database(path: Path) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(SCHEMA_V1_SQL)
+        with conn:
+            conn.execute(
+                "INSERT INTO bots VALUES ('ci', '[\"access\"]', '[\"root\"]', ?)", (V1_TIME,)
+            )
+            conn.executemany(
+                "INSERT INTO bot_instances VALUES (?, 'ci', ?, ?, ?)",
+                [("i-1", 1, V1_TIME, V1_TIME), ("i-2", 2, V1_TIME, V1_TIME)],
+            )
+    finally:
+        conn.close()
+
+
+def _columns(path: Path) -> list[tuple[str, str]]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("PRAGMA table_info(bot_instances)").fetchall()
+    finally:
+        conn.close()
+    return [(str(r[1]), str(r[2])) for r in rows]
+
+
+def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    _make_v1_database(path)
+    assert "renewal_answer" not in dict(_columns(path))
+
+    store = Storage.open(path)
+    assert store.schema_version() == SCHEMA_VERSION == 2
+    fresh = tmp_path / "fresh.db"
+    Storage.open(fresh)
+    assert _columns(path) == _columns(fresh)
+
+    bot = store.get_bot("ci")
+    assert bot is not None and (bot.roles, bot.logins, bot.created_at) == (
+        ("access",),
+        ("root",),
+        NOW,
+    )
+    old = store.get_instance("ci", "i-2")
+    assert old is not None and (old.generation, old.last_seen_at) == (2, NOW)
+    # An instance renewed under v1 has no stored answer: the lost renewal stays lost.
+    assert _mismatch(store, 1, instance="i-2").endswith("stored=2, presented=1")
+    assert _renew(store, 2, instance="i-2").generation == 3
+    # Renewals after the migration are recorded and can be retried.
+    first = _renew(store, 1, instance="i-1")
+    assert _renew(store, 1, instance="i-1") == RenewalAnswer(
+        generation=2, body=first.body, expires=first.expires, retry=True
+    )
+    assert Storage.open(path).schema_version() == 2  # reopening is a no-op
 
 
 def test_removing_a_bot_removes_its_tokens_and_instances(storage: Storage) -> None:

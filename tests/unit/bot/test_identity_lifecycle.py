@@ -24,7 +24,7 @@ from tbot_py.bot.identity import (
     save_identity,
 )
 from tbot_py.destinations import Destination, DirectoryDestination, MemoryDestination
-from tbot_py.errors import AccessDenied, ConfigError, ConnectionProblem, IdentityError
+from tbot_py.errors import AccessDenied, ConfigError, ConnectionProblem
 from tbot_py.identity import keys
 from tbot_py.identity.model import (
     ARTIFACT_KEY,
@@ -245,7 +245,7 @@ def test_renewal_keeps_old_identity_when_server_is_down(
     assert _snapshot(storage) == before
 
 
-def test_non_renewable_stored_identity_is_an_identity_error(
+def test_non_renewable_stored_identity_is_a_config_error_not_retried(
     service: RunningAuthService, storage: Destination
 ) -> None:
     key = keys.generate_private_key()
@@ -263,7 +263,8 @@ def test_non_renewable_stored_identity_is_an_identity_error(
     )
     save_identity(storage, Identity.from_certs(key, certs), "")
     before = _snapshot(storage)
-    with pytest.raises(IdentityError, match="is not renewable"):
+    # Retrying cannot fix it (the daemon classifies ConfigError as fatal); a token can.
+    with pytest.raises(ConfigError, match="is not renewable"):
         _obtain(service, storage, None)
     assert _snapshot(storage) == before
 
