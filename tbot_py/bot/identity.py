@@ -98,11 +98,14 @@ def renewal_key(storage: Destination, current: Identity) -> keys.PrivateKey:
 
 
 def describe(identity: Identity) -> str:
-    """One log-friendly line about an identity. Holds no secret."""
+    """One log-friendly line about an identity, with what tbot logs. Holds no secret."""
     tid = identity.tls_identity
     return (
         f"{identity.username} (bot instance {tid.bot_instance_id or '-'}, "
-        f"generation {tid.generation}, valid until {identity.not_after:%Y-%m-%dT%H:%M:%SZ})"
+        f"generation {tid.generation}, roles {','.join(identity.roles) or '-'}, "
+        f"principals {','.join(identity.principals) or '-'}, "
+        f"valid {identity.not_before:%Y-%m-%dT%H:%M:%SZ} to "
+        f"{identity.not_after:%Y-%m-%dT%H:%M:%SZ})"
     )
 
 

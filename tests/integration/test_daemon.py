@@ -12,11 +12,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_public_identity
 
+from tbot_py.identity import keys
+from tbot_py.identity.identityfile import parse_identity_file
 from tbot_py.identity.tlsid import TLSIdentity
 from tests.integration.conftest import (
     TBOT,
@@ -328,3 +332,42 @@ def _up(diag: str) -> bool:
         return http_get(f"http://{diag}/livez")[0] == 200
     except OSError:
         return False
+
+
+def test_renews_on_its_own_and_every_version_of_the_artifacts_is_valid(
+    auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    """A 30 s TTL renews about every 10 s; a reader polling meanwhile only sees valid pairs."""
+    storage, out = tmp_path / "storage", tmp_path / "out"
+    diag = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "tbot.yaml"
+    text = config_text(auth, write_token(auth, tmp_path, "natural"), storage, diag, {"out": out})
+    config.write_text(text.replace("credential_ttl: 2m", "credential_ttl: 30s").replace(
+        "renewal_interval: 40s", "renewal_interval: 10s"))  # fmt: skip
+    daemon = start_daemon(config, diag)
+    waited = run_tbot("wait", "--diag-addr", diag, "--timeout", "30s")
+    assert waited.returncode == 0, waited.stderr
+    assert '"status": "healthy"' in waited.stdout
+    user_ca = x509.load_pem_x509_certificate((out / "teleport-user-ca.crt").read_bytes())
+    seen: set[bytes] = set()
+    deadline = time.monotonic() + 40
+    while len(seen) < 3 and time.monotonic() < deadline:
+        # The identity file is one atomically replaced file: every version a reader can
+        # see must be complete and self-consistent. (Pairing the separate key and tlscert
+        # files across a renewal is the destinations issue's job.)
+        data = (out / "identity").read_bytes()
+        if data not in seen:
+            parsed = parse_identity_file(data)
+            public = keys.load_private_key_pem(parsed.private_key_pem).public_key()
+            cert = x509.load_pem_x509_certificate(parsed.tls_cert_pem)
+            cert.verify_directly_issued_by(user_ca)
+            assert keys.same_public_key(public, cert.public_key())  # type: ignore[arg-type]
+            ssh_cert = load_ssh_public_identity(parsed.ssh_cert.strip())
+            assert keys.same_public_key(public, ssh_cert.public_key())  # type: ignore[arg-type]
+            assert cert.not_valid_after_utc > datetime.now(UTC)
+            seen.add(data)
+        time.sleep(0.1)
+    assert len(seen) >= 3, f"only {len(seen)} versions in 40 s"
+    assert generation(storage) >= 3
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0
