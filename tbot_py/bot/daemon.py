@@ -15,10 +15,12 @@ stops while the host is suspended, so a 10 s tick keeps the scheduler looking
 at the wall clock: an overdue renewal runs within seconds of waking up.
 
 Outputs are isolated: each is its own task with its own backoff, and they
-share only the bot's client. Signals: SIGUSR1 renews everything now, SIGHUP
-re-reads and validates the config and swaps services (a broken file is logged
-and the running config kept), SIGTERM/SIGINT let in-flight writes finish and
-exit 0.
+share only the bot's client. Output directories are watched (inotify): a file
+deleted, replaced or chmodded by someone else is rewritten at once.
+
+Signals: SIGUSR1 renews everything now; SIGHUP re-reads and validates the
+config and swaps services (a broken file is logged and the running config
+kept); SIGTERM/SIGINT let in-flight writes finish and exit 0.
 """
 
 from __future__ import annotations
@@ -28,10 +30,13 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, EVENT_JOB_MAX_INSTANCES
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from tbot_py.bot import schedule
 from tbot_py.bot.identity import Clock, JoinParams, describe, obtain_bot_identity
@@ -46,8 +51,7 @@ from tbot_py.services.base import BotContext, OutputService
 from tbot_py.services.hooks import Hook, run_hooks
 
 if TYPE_CHECKING:
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
+    from tbot_py.bot.watch import ConfigWatcher, DirectoryWatcher
     from tbot_py.diagnostics.health import HealthRegistry
     from tbot_py.diagnostics.sdnotify import Notifier
 
@@ -100,6 +104,7 @@ class Daemon:
         health: HealthRegistry | None = None,
         rng: random.Random | None = None,
         after_renew_response: Callable[[], None] | None = None,
+        watch_config: str | None = None,
     ) -> None:
         from tbot_py.diagnostics.health import HealthRegistry
 
@@ -121,6 +126,11 @@ class Daemon:
         self._inflight: set[asyncio.Task[None]] = set()
         self._background: set[asyncio.Task[None]] = set()
         self._ready_sent = False
+        self._next_runs: dict[str, datetime] = {}
+        self._retired_clients: list[AuthClient] = []
+        self._watch_config = watch_config
+        self._files: DirectoryWatcher | None = None
+        self._config_watcher: ConfigWatcher | None = None
         self._pending_outputs: list[Task] = []
         # Registered at once: /readyz must never be healthy before anything was written.
         self.health.register(BOT_TASK, "bot")
@@ -129,8 +139,6 @@ class Daemon:
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT (returns) or a fatal start-up error (raises)."""
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-
         loop = asyncio.get_running_loop()
         storage = build_destination(self.config.storage)
         storage.init()
@@ -147,6 +155,9 @@ class Daemon:
                 timezone=UTC,
                 job_defaults={"misfire_grace_time": None, "coalesce": True, "max_instances": 1},
             )
+            self._scheduler.add_listener(
+                self._on_job_event, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR | EVENT_JOB_MAX_INSTANCES
+            )
             self._scheduler.start()
             self._scheduler.add_job(
                 _wall_clock_tick,
@@ -155,6 +166,7 @@ class Daemon:
                 id="wall-clock-tick",
             )
             self._tasks[BOT_TASK] = Task(BOT_TASK, "bot", self.config.renewal_interval)
+            self._start_watchers(loop)
             self._schedule(BOT_TASK, self.clock())
             if self.notifier is not None:
                 self._spawn(self.notifier.run_watchdog(self._stop))
@@ -170,21 +182,44 @@ class Daemon:
         """Ask the daemon to finish what is in flight and return."""
         self._stop.set()
 
+    def _start_watchers(self, loop: asyncio.AbstractEventLoop) -> None:
+        from tbot_py.bot.watch import ConfigWatcher, DirectoryWatcher
+
+        self._files = DirectoryWatcher(loop)
+        self._files.start()
+        if self._watch_config:
+            self._config_watcher = ConfigWatcher(
+                loop, self._watch_config, lambda: self._spawn(self.reload())
+            )
+            self._config_watcher.start()
+
+    def _on_tampered(self, name: str) -> None:
+        """An output's files were deleted or changed by someone else: rewrite them now."""
+        if name in self._tasks:
+            self._schedule(name, self.clock())
+
     async def _shutdown(self) -> None:
         if self.notifier is not None:
             self.notifier.stopping()
+        for watcher in (self._files, self._config_watcher):
+            if watcher is not None:
+                watcher.stop()
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            # Start nothing new, let what runs finish its writes, then stop: APScheduler's
+            # shutdown cancels the jobs still running.
+            self._scheduler.pause()
         if self._inflight:
             log.info("waiting for %d run(s) in flight to finish", len(self._inflight))
             _, pending = await asyncio.wait(self._inflight, timeout=SHUTDOWN_GRACE)
             for task in pending:
                 task.cancel()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        if self._bot is not None:
-            await self._bot.client.close()
+        clients = [*self._retired_clients, *([self._bot.client] if self._bot else [])]
+        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
         log.info("stopped")
 
     def _install_signal_handlers(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -203,6 +238,23 @@ class Daemon:
         task.add_done_callback(self._background.discard)
 
     # -- scheduling -----------------------------------------------------------------------
+
+    def _on_job_event(self, event: Any) -> None:
+        """Book a task's next run once its current run has fully ended.
+
+        APScheduler counts a run as running until just after the coroutine returns;
+        a job re-added before that (a retry due at once) would be skipped and dropped.
+        Listeners run after the count drops, so the next run is booked here.
+        """
+        name = event.job_id
+        if name in self._next_runs:
+            self._schedule(name, self._next_runs.pop(name))
+        elif event.code == EVENT_JOB_MAX_INSTANCES and name in self._tasks:
+            self._schedule(name, self.clock() + timedelta(seconds=1))
+
+    def _book(self, name: str, when: datetime) -> None:
+        """From inside a run: schedule the next run of ``name`` once this one has ended."""
+        self._next_runs[name] = when
 
     def _schedule(self, name: str, when: datetime) -> None:
         if self._scheduler is None or self._stop.is_set():
@@ -241,6 +293,7 @@ class Daemon:
             else:
                 result = await task.output.generate(self._bot_context())
                 identity, changed, files = result.identity, result.changed, result.files
+                self._watch_output(task, result.written)
         except Exception as exc:  # every failure is classified; none escapes the loop
             self._on_failure(task, exc, time.monotonic() - started)
         else:
@@ -250,6 +303,14 @@ class Daemon:
         finally:
             if current is not None:
                 self._inflight.discard(current)
+
+    def _watch_output(self, task: Task, written: Mapping[str, bytes]) -> None:
+        path = getattr(getattr(task.output, "destination", None), "path", None)
+        if self._files is None or path is None:
+            return
+        # Re-watching is cheap and idempotent; expectations are what we just wrote.
+        self._files.watch(task.name, str(path), written, self._on_tampered)
+        self._files.expect_writes(task.name, written)
 
     def _on_success(self, task: Task, identity: Identity, duration: float) -> None:
         now = self.clock()
@@ -276,7 +337,7 @@ class Daemon:
             _iso(identity.not_after),
             _iso(when),
         )
-        self._schedule(task.name, when)
+        self._book(task.name, when)
         if task.name == BOT_TASK and first:
             self._start_first_outputs()
         self._maybe_ready()
@@ -312,7 +373,7 @@ class Daemon:
                 task.name, task.backoff.failures, reason, _iso(when),
             )  # fmt: skip
         self.health.report_failure(task.name, reason, next_retry=when, duration=duration)
-        self._schedule(task.name, when)
+        self._book(task.name, when)
 
     def _start_first_outputs(self) -> None:
         tasks, self._pending_outputs = self._pending_outputs, []
@@ -360,8 +421,15 @@ class Daemon:
             ping, cas = old.ping, list(old.cert_authorities)
         self._bot = BotState(identity, client, ping, tuple(cas))
         if old is not None:
-            loop = asyncio.get_running_loop()
-            loop.call_later(OLD_CLIENT_GRACE, lambda: self._spawn(old.client.close()))
+            self._retired_clients.append(old.client)
+            asyncio.get_running_loop().call_later(
+                OLD_CLIENT_GRACE, lambda: self._spawn(self._retire(old.client))
+            )
+
+    async def _retire(self, client: AuthClient) -> None:
+        if client in self._retired_clients:
+            self._retired_clients.remove(client)
+            await client.close()
 
     def _bot_context(self) -> BotContext:
         bot = self._bot
@@ -398,10 +466,16 @@ class Daemon:
                 self.health.register(task.name, task.service_type)
             self._schedule(task.name, now)
 
-    def _stop_outputs(self, names: list[str]) -> None:
+    def _stop_outputs(
+        self, names: list[str], keep_health: set[str] | frozenset[str] = frozenset()
+    ) -> None:
         for name in names:
             self._tasks.pop(name, None)
-            self.health.unregister(name)
+            self._next_runs.pop(name, None)
+            if name not in keep_health:
+                self.health.unregister(name)
+            if self._files is not None:
+                self._files.unwatch(name)
             if self._scheduler is not None and self._scheduler.get_job(name) is not None:
                 self._scheduler.remove_job(name)
 
@@ -423,22 +497,26 @@ class Daemon:
         except Error as exc:
             log.error("reload failed, keeping the running config: %s", exc)
         else:
+            kept = {t.name for t in outputs}
             old_config, old_params = self.config, self._params
             self.config, self._params = new, params
             running = [name for name in self._tasks if name != BOT_TASK]
-            self._stop_outputs(running + [t.name for t in self._pending_outputs])
+            pending = [t.name for t in self._pending_outputs]
+            # Outputs that stay keep their health record, so /readyz does not flap.
+            self._stop_outputs(running + pending, keep_health=kept)
             self._tasks[BOT_TASK].interval = new.renewal_interval
             if self._bot is not None:
                 self._start_outputs(outputs)
             else:  # still joining: the new outputs start once the bot identity is ready
                 self._pending_outputs = outputs
                 for task in outputs:
-                    self.health.register(task.name, task.service_type)
+                    if self.health.get(task.name) is None:
+                        self.health.register(task.name, task.service_type)
             if _bot_settings(old_config) != _bot_settings(new) or old_params != params:
                 self._schedule(BOT_TASK, self.clock())
             log.info("reloaded: %d output(s) configured", len(outputs))
-        if self.notifier is not None:
-            self.notifier.ready()
+        if self.notifier is not None and self._ready_sent:
+            self.notifier.ready()  # back from RELOADING=1; never READY before start-up is done
 
     async def _run_hooks(self, task: Task, files: tuple[str, ...]) -> None:
         assert task.output is not None

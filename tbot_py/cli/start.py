@@ -104,6 +104,12 @@ def _config_options(func: F) -> F:
             "--diag-addr",
             help="Serve /livez, /readyz, /wait and /metrics here, e.g. 127.0.0.1:3001.",
         ),
+        click.option(
+            "--watch-config",
+            is_flag=True,
+            default=False,
+            help="Reload when the config file's content changes (as on SIGHUP).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -200,6 +206,7 @@ def run_config(
     config: BotConfig,
     reload: Callable[[], BotConfig] | None = None,
     log_format: str = "text",
+    watch_config: str | None = None,
 ) -> None:
     """Log what the config says about itself, then run it once or in the background."""
     if config.debug:
@@ -216,7 +223,7 @@ def run_config(
         )
     fault = _kill_self if os.environ.get(_FAULT_KILL_AFTER_RENEW) == "1" else None
     if not config.oneshot:
-        _run_daemon(config, reload, fault)
+        _run_daemon(config, reload, fault, watch_config)
         return
     from tbot_py.bot.oneshot import run_oneshot
 
@@ -228,7 +235,10 @@ def run_config(
 
 
 def _run_daemon(
-    config: BotConfig, reload: Callable[[], BotConfig] | None, fault: Callable[[], None] | None
+    config: BotConfig,
+    reload: Callable[[], BotConfig] | None,
+    fault: Callable[[], None] | None,
+    watch_config: str | None,
 ) -> None:
     from tbot_py.bot.daemon import Daemon
     from tbot_py.bot.oneshot import utc_now
@@ -250,6 +260,7 @@ def _run_daemon(
         notifier=Notifier(os.environ),
         health=health,
         after_renew_response=fault,
+        watch_config=watch_config if reload is not None else None,
     )
     try:
         asyncio.run(daemon.run())
@@ -275,6 +286,7 @@ def start(ctx: click.Context, /, **params: Any) -> None:
         _build_config(params, load_file=True),
         reload=lambda: _build_config(params, load_file=True),
         log_format=params["log_format"],
+        watch_config=params["config_path"] if params.get("watch_config") else None,
     )
 
 
@@ -289,7 +301,8 @@ def start_identity(**params: Any) -> None:
         return _with_identity_service(_build_config(params, load_file=True), params)
 
     reload = build if params.get("config_path") else None
-    run_config(build(), reload=reload, log_format=params["log_format"])
+    watch = params["config_path"] if params.get("watch_config") and reload else None
+    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
 
 
 for _alias in ("identity", "ssh", "id"):

@@ -6,7 +6,7 @@ is handed, and never knows how its destination stores bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -46,6 +46,8 @@ class GenerateResult:
     identity: Identity
     #: True when any file's bytes differ from what the destination held before.
     changed: bool = True
+    #: What was written, by name (holds the private key: never log it).
+    written: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
 
 class OutputService(Protocol):

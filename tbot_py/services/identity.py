@@ -128,4 +128,5 @@ class IdentityService:
             files=tuple(files),
             identity=identity,
             changed=changed,
+            written=files,
         )

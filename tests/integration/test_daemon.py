@@ -122,14 +122,14 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     started: list[Daemon] = []
 
-    def start(config: Path, diag: str, **env: str) -> Daemon:
+    def start(config: Path, diag: str, extra_args: tuple[str, ...] = (), **env: str) -> Daemon:
         sock_path = tmp_path / f"notify-{len(started)}.sock"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(sock_path))
         log_path = tmp_path / f"daemon-{len(started)}.log"
         with log_path.open("w") as log_file:
             process = subprocess.Popen(
-                [TBOT, "start", "-c", str(config)],
+                [TBOT, "start", "-c", str(config), *extra_args],
                 stdout=subprocess.DEVNULL,
                 stderr=log_file,
                 text=True,
@@ -369,5 +369,44 @@ def test_renews_on_its_own_and_every_version_of_the_artifacts_is_valid(
         time.sleep(0.1)
     assert len(seen) >= 3, f"only {len(seen)} versions in 40 s"
     assert generation(storage) >= 3
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0
+
+
+def test_deleted_or_chmodded_output_files_are_rewritten_promptly(
+    auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    storage, out = tmp_path / "storage", tmp_path / "out"
+    diag = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "tbot.yaml"
+    config.write_text(
+        config_text(auth, write_token(auth, tmp_path, "tamper"), storage, diag, {"out": out})
+    )
+    daemon = start_daemon(config, diag)
+    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
+    (out / "identity").unlink()
+    wait_for((out / "identity").exists, 10, "the deleted identity file to come back")
+    (out / "key").chmod(0o644)
+    wait_for(lambda: (out / "key").stat().st_mode & 0o777 == 0o600, 10, "key back to 0600")
+    assert "was deleted" in daemon.log()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=30) == 0
+
+
+def test_watch_config_reloads_when_the_file_changes(
+    auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
+) -> None:
+    storage, out_a, out_b = tmp_path / "storage", tmp_path / "a", tmp_path / "b"
+    diag = f"127.0.0.1:{free_port()}"
+    token = write_token(auth, tmp_path, "watcher")
+    config = tmp_path / "tbot.yaml"
+    config.write_text(config_text(auth, token, storage, diag, {"a": out_a}))
+    daemon = start_daemon(config, diag, extra_args=("--watch-config",))
+    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
+    # An editor-style save: write a temp file, rename it over the config.
+    staged = tmp_path / ".tbot.yaml.swp"
+    staged.write_text(config_text(auth, token, storage, diag, {"a": out_a, "b": out_b}))
+    staged.replace(config)
+    wait_for((out_b / "identity").exists, 15, "the service added by editing the file")
     daemon.signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=30) == 0

@@ -1,0 +1,443 @@
+"""Notice promptly when an output's files, or the config file, change under the daemon.
+
+Outputs: someone deletes ``identity``, replaces it, or makes it readable by
+others. Waiting for the next renewal (up to 20 minutes) leaves clients broken,
+or a key exposed, for that long. :class:`DirectoryWatcher` calls back as soon
+as the change has settled, and the daemon writes the output again.
+
+File system events only say *that* a name changed, and our own atomic writes
+(temp file, then rename) produce the same events as tampering. So an event only
+schedules a debounced check, and the check compares what is on disk with what
+the daemon last said it wrote: a SHA-256 per file (so no second copy of a
+private key is kept) and mode 0600. Our own writes therefore never call back,
+without any timing tricks.
+
+:class:`ConfigWatcher` backs ``--watch-config``. It calls back when the config
+file's bytes change, not on a ``touch`` or on a save without changes.
+
+Both watch *directories*, non-recursively, and never single files: editors and
+config management replace a file by rename, and a watch on the old inode goes
+stale. watchdog runs its observer in threads. The handler there only hands event
+paths to the asyncio loop with ``call_soon_threadsafe``, and everything else
+runs on the loop. If inotify is unavailable (``fs.inotify.max_user_watches``
+reached, say), one warning is logged and watchdog's ``PollingObserver`` takes
+over. Polling does not see a chmod on its own; the next renewal repairs that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import stat
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+from watchdog.observers.polling import PollingObserver
+
+from tbot_py.destinations.directory import FILE_MODE
+
+log = logging.getLogger(__name__)
+
+#: How often the polling fallback rescans each watched directory, in seconds.
+POLL_INTERVAL = 1.0
+#: How long ``stop()`` waits for the observer thread to finish.
+_JOIN_TIMEOUT = 2.0
+# Events that can change a file's bytes, name or mode. Opens and reads are left
+# out: the checks below read the files, and must not trigger more checks.
+_CHANGES = frozenset({"created", "modified", "deleted", "moved", "closed", "attrib"})
+# Failures that concern one directory, not inotify as a whole: polling would not help.
+_PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP})
+
+#: Receives, on the loop, an event's type and its paths (source, then destination of a move).
+EventSink = Callable[[str, tuple[str, ...]], None]
+
+
+class _Forwarder(FileSystemEventHandler):
+    """Runs in the observer thread: hands each change's type and paths to the loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sink: EventSink) -> None:
+        super().__init__()
+        self._loop = loop
+        self._sink = sink
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            if event.event_type not in _CHANGES:
+                return
+            paths = tuple(os.fsdecode(p) for p in (event.src_path, event.dest_path) if p)
+            self._loop.call_soon_threadsafe(self._sink, event.event_type, paths)
+        except Exception:  # the loop is closed, say: never let the observer thread die
+            log.debug("dropped a file system event", exc_info=True)
+
+
+class _Observer:
+    """One watchdog observer with a non-recursive watch per directory; polls if inotify fails."""
+
+    def __init__(self, handler: FileSystemEventHandler, purpose: str) -> None:
+        self._handler = handler
+        self._purpose = purpose
+        self._observer: BaseObserver | None = None
+        self._watches: dict[str, ObservedWatch] = {}
+        self._polling = False
+
+    def start(self) -> None:
+        """Start the native observer, or the polling one if that fails. Never raises."""
+        try:
+            self._observer = _started(Observer)
+        except Exception as exc:
+            self._fall_back(exc)
+
+    def add(self, directory: str) -> None:
+        """Watch ``directory`` unless it is already watched. Never raises; failures are logged."""
+        if directory in self._watches or self._observer is None:
+            return
+        try:
+            self._watches[directory] = self._observer.schedule(
+                self._handler, directory, recursive=False
+            )
+        except OSError as exc:
+            if self._polling or exc.errno in _PATH_ERRNOS:
+                log.warning("cannot watch %s for %s: %s", directory, self._purpose, _why(exc))
+                return
+            self._fall_back(exc)
+            self.add(directory)  # now on the polling observer, so this recurses once at most
+        except Exception as exc:
+            log.warning("cannot watch %s for %s: %s", directory, self._purpose, _why(exc))
+
+    def remove(self, directory: str) -> None:
+        """Stop watching ``directory``; a watch that died with its directory is cleaned up too."""
+        watch = self._watches.pop(directory, None)
+        if watch is None or self._observer is None:
+            return
+        try:
+            self._observer.unschedule(watch)
+        except Exception:
+            log.debug("cannot unschedule the watch on %s", directory, exc_info=True)
+
+    def stop(self) -> None:
+        """Stop the observer and its threads. Idempotent."""
+        observer, self._observer = self._observer, None
+        self._watches.clear()
+        if observer is not None:
+            _stop_quietly(observer)
+
+    def _fall_back(self, exc: BaseException) -> None:
+        log.warning(
+            "inotify is unavailable (%s); polling every %gs for %s instead",
+            _why(exc),
+            POLL_INTERVAL,
+            self._purpose,
+        )
+        if self._observer is not None:
+            _stop_quietly(self._observer)
+        self._polling = True
+        directories = list(self._watches)
+        self._watches.clear()
+        try:
+            self._observer = _started(lambda: PollingObserver(timeout=POLL_INTERVAL))
+        except Exception as poll_exc:
+            self._observer = None
+            log.warning("cannot watch for %s at all: %s", self._purpose, _why(poll_exc))
+            return
+        for directory in directories:
+            self.add(directory)
+
+
+def _started(factory: Callable[[], BaseObserver]) -> BaseObserver:
+    observer: BaseObserver | None = None
+    try:
+        observer = factory()
+        observer.start()
+    except BaseException:
+        if observer is not None:
+            _stop_quietly(observer)  # the inotify observer starts a reader thread on creation
+        raise
+    return observer
+
+
+def _stop_quietly(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(_JOIN_TIMEOUT)
+    except Exception:
+        log.debug("error while stopping a file system observer", exc_info=True)
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _read(path: str, *, follow_symlinks: bool) -> tuple[os.stat_result, bytes | None]:
+    """The file's stat and, if it is a regular file, the SHA-256 of its bytes.
+
+    Opened non-blocking, so that a FIFO put in a file's place cannot hang the loop.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    fd = os.open(path, flags)
+    with os.fdopen(fd, "rb") as f:
+        st = os.stat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return st, None
+        return st, hashlib.file_digest(f, "sha256").digest()
+
+
+def _tampering(path: str, expected: bytes) -> str | None:
+    """What is wrong with the file at ``path``, or None if it is exactly as we wrote it."""
+    try:
+        st, digest = _read(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return "was deleted"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symlink
+            return "was replaced by a symlink"
+        return f"cannot be read ({_why(exc)})"
+    if digest is None:
+        return "is no longer a regular file"
+    if digest != expected:
+        return "has different content"
+    mode = stat.S_IMODE(st.st_mode)
+    return None if mode == FILE_MODE else f"has mode {mode:04o} instead of {FILE_MODE:04o}"
+
+
+@dataclass
+class _Output:
+    directory: str
+    files: frozenset[str]
+    callback: Callable[[str], None]
+    timer: asyncio.TimerHandle | None = None
+
+
+class DirectoryWatcher:
+    """Calls back on the loop when a watched file is deleted, replaced or changed by someone else.
+
+    Call every method from the loop's thread.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, *, debounce: float = 0.5) -> None:
+        self._loop = loop
+        self._debounce = debounce
+        self._outputs: dict[str, _Output] = {}
+        # Output name -> file name -> SHA-256 of what the daemon last wrote there.
+        self._written: dict[str, dict[str, bytes]] = {}
+        self._names_by_path: dict[str, tuple[str, ...]] = {}
+        self._observer = _Observer(_Forwarder(loop, self._on_change), "changes to outputs")
+        self._started = False
+        self._stopped = False
+
+    def watch(
+        self, name: str, directory: str, files: Iterable[str], callback: Callable[[str], None]
+    ) -> None:
+        """Watch ``files`` in ``directory`` for output ``name``, replacing an earlier watch of it.
+
+        ``callback(name)`` runs on the loop, at most once per debounce window,
+        once ``expect_writes`` has said what the files should hold.
+        """
+        directory = os.path.abspath(directory)
+        old = self._outputs.get(name)
+        if old is not None and old.directory != directory:
+            self.unwatch(name)  # what was written there says nothing about the new directory
+        elif old is not None:
+            self._cancel(old)
+        self._outputs[name] = _Output(directory, frozenset(files), callback)
+        self._reindex()
+        if self._running:
+            self._observer.add(directory)
+
+    def expect_writes(self, name: str, contents: Mapping[str, bytes]) -> None:
+        """Record what the daemon is about to write for ``name``: those writes must not call back.
+
+        Call this right before writing. Files not in ``contents`` keep their
+        earlier expectation; only the files given to ``watch`` are checked.
+        """
+        written = self._written.setdefault(name, {})
+        for file, data in contents.items():
+            written[file] = hashlib.sha256(data).digest()
+        output = self._outputs.get(name)
+        if output is not None and self._running:
+            # Runs after the write that follows: watch again a directory that
+            # was deleted (its watch died with it) and has been recreated.
+            self._loop.call_soon(self._rewatch, output.directory)
+
+    def unwatch(self, name: str) -> None:
+        """Stop watching output ``name`` and forget what was written for it."""
+        self._written.pop(name, None)
+        output = self._outputs.pop(name, None)
+        if output is None:
+            return
+        self._cancel(output)
+        self._reindex()
+        if output.directory not in self._directories():
+            self._observer.remove(output.directory)
+
+    def start(self) -> None:
+        """Start watching every registered directory. Never raises; failures are logged."""
+        if self._started or self._stopped:
+            return
+        self._started = True
+        self._observer.start()
+        for directory in self._directories():
+            self._observer.add(directory)
+
+    def stop(self) -> None:
+        """Stop watching and cancel pending checks. Idempotent; a stopped watcher stays stopped."""
+        if self._stopped:
+            return
+        self._stopped = True
+        for output in self._outputs.values():
+            self._cancel(output)
+        self._observer.stop()
+
+    @property
+    def _running(self) -> bool:
+        return self._started and not self._stopped
+
+    def _directories(self) -> set[str]:
+        return {output.directory for output in self._outputs.values()}
+
+    def _reindex(self) -> None:
+        index: dict[str, tuple[str, ...]] = {}
+        for name, output in self._outputs.items():
+            for file in output.files:
+                path = os.path.join(output.directory, file)
+                index[path] = (*index.get(path, ()), name)
+        self._names_by_path = index
+
+    def _on_change(self, event_type: str, paths: tuple[str, ...]) -> None:
+        if not self._running:
+            return
+        names = {name for path in paths for name in self._names_by_path.get(path, ())}
+        if event_type == "deleted" and paths[0] in self._directories():
+            # The directory itself is gone, and its watch with it.
+            self._observer.remove(paths[0])
+            names.update(n for n, o in self._outputs.items() if o.directory == paths[0])
+        for name in names:
+            self._schedule_check(name)
+
+    def _rewatch(self, directory: str) -> None:
+        if self._running and directory in self._directories() and os.path.isdir(directory):
+            self._observer.add(directory)
+
+    def _schedule_check(self, name: str) -> None:
+        output = self._outputs[name]
+        self._cancel(output)
+        output.timer = self._loop.call_later(self._debounce, self._check, name)
+
+    def _cancel(self, output: _Output) -> None:
+        if output.timer is not None:
+            output.timer.cancel()
+            output.timer = None
+
+    def _check(self, name: str) -> None:
+        output = self._outputs.get(name)
+        if output is None or not self._running:
+            return
+        output.timer = None
+        written = self._written.get(name)
+        if not written:
+            return  # nothing written yet, so nothing to compare with
+        problems = []
+        for file in sorted(output.files & written.keys()):
+            problem = _tampering(os.path.join(output.directory, file), written[file])
+            if problem is not None:
+                problems.append(f"{file} {problem}")
+        if not problems:
+            log.debug("%s: files in %s are as written", name, output.directory)
+            return
+        log.warning(
+            "%s: %s in %s (changed by another process)",
+            name,
+            "; ".join(problems),
+            output.directory,
+        )
+        try:
+            output.callback(name)
+        except Exception:
+            log.exception("%s: the callback for a changed output failed", name)
+
+
+def _config_digest(path: str) -> bytes | None:
+    try:
+        return _read(path, follow_symlinks=True)[1]
+    except OSError:
+        return None  # deleted or unreadable: wait for the next write
+
+
+class ConfigWatcher:
+    """Calls back (on the asyncio loop) when the config file's content changes, debounced.
+
+    A ``touch``, a save without changes or a deletion does not call back; the
+    next write with new bytes does. Call every method from the loop's thread.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        path: str,
+        callback: Callable[[], None],
+        *,
+        debounce: float = 0.25,
+    ) -> None:
+        self._loop = loop
+        self._path = os.path.abspath(path)
+        self._callback = callback
+        self._debounce = debounce
+        self._digest: bytes | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._any_change = False
+        self._observer = _Observer(_Forwarder(loop, self._on_change), "config changes")
+        self._started = False
+        self._stopped = False
+
+    def start(self) -> None:
+        """Remember the current bytes and start watching the file's directory. Never raises."""
+        if self._started or self._stopped:
+            return
+        self._started = True
+        # A symlinked config (a Kubernetes ConfigMap, say) changes when a link
+        # elsewhere in the directory is swapped, so there any change counts.
+        self._any_change = os.path.islink(self._path)
+        self._digest = _config_digest(self._path)
+        self._observer.start()
+        self._observer.add(os.path.dirname(self._path))
+
+    def stop(self) -> None:
+        """Stop watching and cancel a pending check. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._observer.stop()
+
+    def _on_change(self, event_type: str, paths: tuple[str, ...]) -> None:
+        if self._stopped or not (self._any_change or self._path in paths):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(self._debounce, self._check)
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._stopped:
+            return
+        digest = _config_digest(self._path)
+        if digest is None or digest == self._digest:
+            return
+        self._digest = digest
+        log.info("config file %s changed", self._path)
+        try:
+            self._callback()
+        except Exception:
+            log.exception("the callback for a changed config file failed")
