@@ -390,7 +390,9 @@ class Daemon:
     # -- the bot identity -----------------------------------------------------------------
 
     async def _renew_bot(self) -> Identity:
-        assert self._params is not None and self._storage is not None
+        assert self._storage is not None
+        # Re-read the token every time (tbot does): a changed token means a fresh join.
+        self._params = join_params(self.config)
         identity = await obtain_bot_identity(
             self._params,
             self._storage,

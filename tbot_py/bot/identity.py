@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from tbot_py.client import tls, wire
@@ -50,6 +50,9 @@ class JoinParams:
     ca_pins: tuple[str, ...] = ()
     ca_path: str | None = None
     insecure: bool = False
+    #: Why a configured token could not be read (a token file deleted after the first
+    #: join is fine, as in tbot); raised only if a join is actually needed.
+    token_problem: ConfigError | None = field(default=None, compare=False)
 
 
 def fresh_public_keys(key: keys.PrivateKey) -> wire.PublicKeys:
@@ -178,6 +181,8 @@ async def obtain_bot_identity(
             log.info("the stored identity expired at %s; joining again", identity.not_after)
             stored = None
     if stored is None:
+        if not token and params.token_problem is not None:
+            raise params.token_problem
         if not token:
             raise ConfigError(
                 f"no usable bot identity in {storage.describe()} and no join token configured; "

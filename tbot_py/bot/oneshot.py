@@ -25,7 +25,7 @@ from tbot_py.config.schema import BotConfig, DirectoryDestination, IdentityServi
 from tbot_py.destinations import Destination
 from tbot_py.destinations import DirectoryDestination as DirectoryStore
 from tbot_py.destinations import MemoryDestination as MemoryStore
-from tbot_py.errors import Error
+from tbot_py.errors import ConfigError, Error
 from tbot_py.identity.model import Identity
 from tbot_py.services.base import BotContext, GenerateResult, OutputService
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService
@@ -83,11 +83,19 @@ def build_services(config: BotConfig, addr: str) -> list[OutputService]:
 
 
 def join_params(config: BotConfig) -> JoinParams:
-    """Everything needed to reach the cluster; reads the token (file) now."""
+    """Everything needed to reach the cluster; reads the token (file) now.
+
+    An unreadable token file is not an error yet: a stored identity renews without it.
+    """
     onboarding = config.onboarding
+    try:
+        token, problem = onboarding.read_token(), None
+    except ConfigError as exc:
+        token, problem = None, exc
     return JoinParams(
         addr=config.require_address(),
-        token=onboarding.read_token(),
+        token=token,
+        token_problem=problem,
         ca_pins=tuple(onboarding.ca_pins),
         ca_path=onboarding.ca_path,
         insecure=onboarding.insecure,
