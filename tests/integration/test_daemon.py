@@ -117,6 +117,14 @@ class Daemon:
     def signal(self, sig: signal.Signals) -> None:
         self.process.send_signal(sig)
 
+    def wait_healthy(self, timeout: float = 20) -> None:
+        wait_for(lambda: _up(self.diag) and self.readyz()[0] == 200, timeout, "/readyz 200")
+
+    def stop(self) -> None:
+        """SIGTERM, and it must exit 0."""
+        self.signal(signal.SIGTERM)
+        assert self.process.wait(timeout=30) == 0
+
 
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
@@ -163,16 +171,22 @@ def write_token(auth: AuthService, tmp_path: Path, bot: str) -> Path:
     return token_file
 
 
+def new_config(
+    auth: AuthService, tmp_path: Path, bot: str, outputs: dict[str, Path], **kwargs: Path
+) -> tuple[Path, str, Path]:
+    """A new bot, a diagnostics port and a config file: (config path, diag addr, token file)."""
+    diag = f"127.0.0.1:{free_port()}"
+    token = write_token(auth, tmp_path, bot)
+    config = tmp_path / "tbot.yaml"
+    config.write_text(config_text(auth, token, tmp_path / "storage", diag, outputs, **kwargs))
+    return config, diag, token
+
+
 def test_daemon_notifies_ready_renews_on_sigusr1_and_runs_hooks_once_per_change(
     auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     storage, out = tmp_path / "storage", tmp_path / "out"
-    diag = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "tbot.yaml"
-    config.write_text(
-        config_text(auth, write_token(auth, tmp_path, "bg"), storage, diag, {"out": out},
-                    hook_log=tmp_path / "hooks")
-    )  # fmt: skip
+    config, diag, _ = new_config(auth, tmp_path, "bg", {"out": out}, hook_log=tmp_path / "hooks")
     daemon = start_daemon(config, diag)
     wait_notified(daemon, "READY=1", 20)
     status, body = daemon.readyz()
@@ -203,23 +217,17 @@ def test_daemon_notifies_ready_renews_on_sigusr1_and_runs_hooks_once_per_change(
     assert "tbot_py_credential_not_after_timestamp_seconds" in metrics
     assert http_get(f"http://{diag}/livez") == (200, "OK")
 
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0
+    daemon.stop()
     assert "Traceback" not in daemon.log()
 
 
 def test_outage_keeps_the_old_identity_reports_503_and_recovers(
     own_auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
-    storage, out = tmp_path / "storage", tmp_path / "out"
-    diag = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "tbot.yaml"
-    config.write_text(
-        config_text(own_auth, write_token(own_auth, tmp_path, "outage"), storage, diag,
-                    {"out": out})
-    )  # fmt: skip
+    out = tmp_path / "out"
+    config, diag, _ = new_config(own_auth, tmp_path, "outage", {"out": out})
     daemon = start_daemon(config, diag)
-    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
+    daemon.wait_healthy()
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     own_auth.stop()
@@ -245,13 +253,10 @@ def test_sighup_with_a_broken_file_keeps_running_and_a_valid_one_adds_a_service(
     auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     storage, out_a, out_b = tmp_path / "storage", tmp_path / "a", tmp_path / "b"
-    diag = f"127.0.0.1:{free_port()}"
-    token = write_token(auth, tmp_path, "reload")
-    config = tmp_path / "tbot.yaml"
-    good = config_text(auth, token, storage, diag, {"a": out_a})
-    config.write_text(good)
+    config, diag, token = new_config(auth, tmp_path, "reload", {"a": out_a})
+    good = config.read_text()
     daemon = start_daemon(config, diag)
-    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
+    daemon.wait_healthy()
 
     config.write_text(good + "  - type: identity\n    destination: [broken\n")
     daemon.signal(signal.SIGHUP)
@@ -264,8 +269,7 @@ def test_sighup_with_a_broken_file_keeps_running_and_a_valid_one_adds_a_service(
     daemon.signal(signal.SIGHUP)
     wait_for((out_b / "identity").exists, 15, "the added service's files")
     wait_for(lambda: "b" in daemon.readyz()[1]["services"], 5, "b in /readyz")  # type: ignore[operator]
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0
+    daemon.stop()
 
 
 def test_crash_between_renewal_answer_and_write_does_not_lock_the_bot_out(
@@ -301,16 +305,10 @@ def test_crash_between_renewal_answer_and_write_does_not_lock_the_bot_out(
 def test_sigterm_exits_zero(
     auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
-    diag = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "tbot.yaml"
-    config.write_text(
-        config_text(auth, write_token(auth, tmp_path, "term"), tmp_path / "s", diag,
-                    {"o": tmp_path / "o"})
-    )  # fmt: skip
+    config, diag, _ = new_config(auth, tmp_path, "term", {"o": tmp_path / "o"})
     daemon = start_daemon(config, diag)
-    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0
+    daemon.wait_healthy()
+    daemon.stop()
     assert "stopped" in daemon.log()
     assert any("STOPPING=1" in m for m in daemon.notifications())
 
@@ -339,11 +337,9 @@ def test_renews_on_its_own_and_every_version_of_the_artifacts_is_valid(
 ) -> None:
     """A 30 s TTL renews about every 10 s; a reader polling meanwhile only sees valid pairs."""
     storage, out = tmp_path / "storage", tmp_path / "out"
-    diag = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "tbot.yaml"
-    text = config_text(auth, write_token(auth, tmp_path, "natural"), storage, diag, {"out": out})
-    config.write_text(text.replace("credential_ttl: 2m", "credential_ttl: 30s").replace(
-        "renewal_interval: 40s", "renewal_interval: 10s"))  # fmt: skip
+    config, diag, _ = new_config(auth, tmp_path, "natural", {"out": out})
+    text = config.read_text().replace("credential_ttl: 2m", "credential_ttl: 30s")
+    config.write_text(text.replace("renewal_interval: 40s", "renewal_interval: 10s"))
     daemon = start_daemon(config, diag)
     waited = run_tbot("wait", "--diag-addr", diag, "--timeout", "30s")
     assert waited.returncode == 0, waited.stderr
@@ -369,44 +365,34 @@ def test_renews_on_its_own_and_every_version_of_the_artifacts_is_valid(
         time.sleep(0.1)
     assert len(seen) >= 3, f"only {len(seen)} versions in 40 s"
     assert generation(storage) >= 3
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0
+    daemon.stop()
 
 
 def test_deleted_or_chmodded_output_files_are_rewritten_promptly(
     auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
-    storage, out = tmp_path / "storage", tmp_path / "out"
-    diag = f"127.0.0.1:{free_port()}"
-    config = tmp_path / "tbot.yaml"
-    config.write_text(
-        config_text(auth, write_token(auth, tmp_path, "tamper"), storage, diag, {"out": out})
-    )
+    out = tmp_path / "out"
+    config, diag, _ = new_config(auth, tmp_path, "tamper", {"out": out})
     daemon = start_daemon(config, diag)
-    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
+    daemon.wait_healthy()
     (out / "identity").unlink()
     wait_for((out / "identity").exists, 10, "the deleted identity file to come back")
     (out / "key").chmod(0o644)
     wait_for(lambda: (out / "key").stat().st_mode & 0o777 == 0o600, 10, "key back to 0600")
     assert "was deleted" in daemon.log()
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0
+    daemon.stop()
 
 
 def test_watch_config_reloads_when_the_file_changes(
     auth: AuthService, tmp_path: Path, start_daemon: Callable[..., Daemon]
 ) -> None:
     storage, out_a, out_b = tmp_path / "storage", tmp_path / "a", tmp_path / "b"
-    diag = f"127.0.0.1:{free_port()}"
-    token = write_token(auth, tmp_path, "watcher")
-    config = tmp_path / "tbot.yaml"
-    config.write_text(config_text(auth, token, storage, diag, {"a": out_a}))
+    config, diag, token = new_config(auth, tmp_path, "watcher", {"a": out_a})
     daemon = start_daemon(config, diag, extra_args=("--watch-config",))
-    wait_for(lambda: daemon.readyz()[0] == 200 if _up(diag) else False, 20, "healthy")
+    daemon.wait_healthy()
     # An editor-style save: write a temp file, rename it over the config.
     staged = tmp_path / ".tbot.yaml.swp"
     staged.write_text(config_text(auth, token, storage, diag, {"a": out_a, "b": out_b}))
     staged.replace(config)
     wait_for((out_b / "identity").exists, 15, "the service added by editing the file")
-    daemon.signal(signal.SIGTERM)
-    assert daemon.process.wait(timeout=30) == 0
+    daemon.stop()
