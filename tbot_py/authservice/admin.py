@@ -1,8 +1,11 @@
-"""Admin operations on a cluster's state: bots and join tokens.
+"""Admin operations on a cluster's state: roles, bots, bot instances and join tokens.
 
 They work on the data directory directly; the server need not run. A join
 token value exists only in the returned :class:`IssuedToken`, which the caller
 shows once; the database keeps its SHA-256.
+
+Every change is recorded in the audit log with one call after it succeeded,
+e.g. ``audit.emit(cluster, "admin.role.create", resource=f"role/{name}")``.
 """
 
 from __future__ import annotations
@@ -11,21 +14,31 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from tbot_py.authservice import audit
 from tbot_py.authservice.cluster import Cluster
-from tbot_py.authservice.errors import BadParameter
-from tbot_py.authservice.storage import JOIN_METHOD_TOKEN, BotRecord, BotSummary
+from tbot_py.authservice.errors import AlreadyExists, BadParameter, NotFound
+from tbot_py.authservice.roles import NAME_RE, Role, parse_role_yaml
+from tbot_py.authservice.storage import (
+    JOIN_METHOD_TOKEN,
+    BotInstanceRecord,
+    BotRecord,
+    BotSummary,
+    TokenRecord,
+)
 from tbot_py.client.wire import format_time
+from tbot_py.config._checks import read_text_file
 from tbot_py.config.duration import InvalidDurationError, parse_duration
 from tbot_py.identity import keys
 
 DEFAULT_TOKEN_TTL = timedelta(hours=1)
 
 _BOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-# Roles and logins end up in certificate subjects and SSH principals: printable,
-# no separators, no spaces.
-_ITEM_RE = re.compile(r"^[A-Za-z0-9_.@:-]{1,128}$")
+_TOKEN_ID_RE = re.compile(r"^[0-9a-f]{4,64}$")
+# What ``auth get`` and ``auth rm`` accept: ``role/NAME``, or ``roles`` for all of them.
+_ROLE_KINDS = ("role", "roles")
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,7 @@ def parse_name_list(text: str, what: str) -> tuple[str, ...]:
     for item in items:
         if not item:
             raise BadParameter(f"{what} list {text!r} has an empty item; use a,b,c")
-        if not _ITEM_RE.match(item):
+        if not NAME_RE.match(item):
             raise BadParameter(f"invalid {what} {item!r}: use letters, digits and _ . @ : -")
     return tuple(dict.fromkeys(items))
 
@@ -114,7 +127,15 @@ def add_bot(
     now = now or datetime.now(UTC)
     token, expires = _new_token(token_ttl, now)
     bot = BotRecord(name=name, roles=roles, logins=logins, created_at=now)
-    cluster.storage.add_bot(bot, token_hash=keys.token_hash(token), token_expires=expires)
+    token_hash = keys.token_hash(token)
+    cluster.storage.add_bot(bot, token_hash=token_hash, token_expires=expires)
+    audit.emit(
+        cluster,
+        "admin.bot.add",
+        resource=f"bot/{name}",
+        details={"roles": ",".join(roles), "logins": ",".join(logins)},
+    )
+    _emit_token_added(cluster, token_hash, name, expires)
     return NewBot(bot=bot, token=IssuedToken(token=token, bot_name=name, expires=expires))
 
 
@@ -129,7 +150,9 @@ def add_token(
     validate_bot_name(bot_name)
     now = now or datetime.now(UTC)
     token, expires = _new_token(ttl, now)
-    cluster.storage.add_token(keys.token_hash(token), bot_name, expires, now)
+    token_hash = keys.token_hash(token)
+    cluster.storage.add_token(token_hash, bot_name, expires, now)
+    _emit_token_added(cluster, token_hash, bot_name, expires)
     return IssuedToken(token=token, bot_name=bot_name, expires=expires)
 
 
@@ -142,6 +165,120 @@ def remove_bot(cluster: Cluster, name: str) -> None:
     """Remove a bot, its tokens and its instances; NotFound when there is no such bot."""
     validate_bot_name(name)
     cluster.storage.remove_bot(name)
+    audit.emit(cluster, "admin.bot.rm", resource=f"bot/{name}")
+
+
+def update_bot_roles(
+    cluster: Cluster, name: str, *, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()
+) -> BotRecord:
+    """Add roles to and remove roles from bot ``name``; the bot keeps at least one.
+
+    Raises BadParameter when there is nothing to do or no role would be left,
+    NotFound for an unknown bot or role.
+    """
+    validate_bot_name(name)
+    if not add and not remove:
+        raise BadParameter("nothing to update: give --add-roles and/or --remove-roles")
+    both = set(add) & set(remove)
+    if both:
+        raise BadParameter(f"role {sorted(both)[0]!r} is both added and removed")
+    bot = cluster.storage.update_bot_roles(name, add=add, remove=remove)
+    audit.emit(
+        cluster, "admin.bot.update", resource=f"bot/{name}", details={"roles": ",".join(bot.roles)}
+    )
+    return bot
+
+
+def list_instances(cluster: Cluster, bot_name: str) -> list[BotInstanceRecord]:
+    """The joined instances of a bot, oldest first; NotFound when there is no such bot."""
+    validate_bot_name(bot_name)
+    return cluster.storage.list_instances(bot_name)
+
+
+def list_tokens(cluster: Cluster) -> list[TokenRecord]:
+    """Every stored join token, by expiry. Show them by :func:`audit.token_id`, never the hash."""
+    return cluster.storage.list_tokens()
+
+
+def remove_token(cluster: Cluster, token_id: str) -> TokenRecord:
+    """Remove the join token whose id (its hash's first hex characters) starts with ``token_id``.
+
+    Raises BadParameter for a malformed or ambiguous id, NotFound when none matches.
+    """
+    prefix = token_id.strip().lower()
+    if not _TOKEN_ID_RE.match(prefix):
+        raise BadParameter(
+            f"invalid token id {token_id[:80]!r}: use the ID column of tbot-py auth tokens ls"
+        )
+    removed = cluster.storage.remove_token(prefix)
+    audit.emit(
+        cluster,
+        "admin.token.rm",
+        resource="token/" + audit.token_id(removed.token_hash),
+        details={"bot": removed.bot_name},
+    )
+    return removed
+
+
+def read_role_file(path: Path) -> Role:
+    """Read and validate a role YAML file. Raises ConfigError or BadParameter."""
+    text, problem = read_text_file(path)
+    if text is None:
+        raise BadParameter(f"role file {path} {problem}")
+    return parse_role_yaml(text, source=str(path))
+
+
+def create_role(
+    cluster: Cluster, role: Role, *, force: bool = False, now: datetime | None = None
+) -> bool:
+    """Store ``role``; True when it replaced an existing one (only with ``force``).
+
+    Raises AlreadyExists when the role exists and ``force`` is False.
+    """
+    now = now or datetime.now(UTC)
+    try:
+        replaced = cluster.storage.put_role(role, now, overwrite=force)
+    except AlreadyExists as exc:
+        raise AlreadyExists(f"{exc.message}; use --force to replace it") from None
+    event = "admin.role.update" if replaced else "admin.role.create"
+    audit.emit(cluster, event, resource=f"role/{role.name}", now=now)
+    return replaced
+
+
+def get_role(cluster: Cluster, name: str) -> Role:
+    """The role called ``name``; NotFound when there is none."""
+    role = cluster.storage.get_role(name)
+    if role is None:
+        raise NotFound(f'role "{name}" not found')
+    return role
+
+
+def list_roles(cluster: Cluster) -> list[Role]:
+    """Every role, by name."""
+    return cluster.storage.list_roles()
+
+
+def delete_role(cluster: Cluster, name: str) -> None:
+    """Delete a role; BadParameter while a bot uses it, NotFound when there is none."""
+    cluster.storage.delete_role(name)
+    audit.emit(cluster, "admin.role.rm", resource=f"role/{name}")
+
+
+def parse_resource_ref(text: str) -> tuple[str, str | None]:
+    """``role/NAME`` as ``("role", NAME)``; ``roles`` (or ``role``) as ``("role", None)``."""
+    kind, slash, name = text.partition("/")
+    if kind not in _ROLE_KINDS or (slash and not name):
+        raise BadParameter(f"unsupported resource {text[:80]!r}: use role/NAME or roles")
+    return "role", name or None
+
+
+def _emit_token_added(cluster: Cluster, token_hash: str, bot_name: str, expires: datetime) -> None:
+    audit.emit(
+        cluster,
+        "admin.token.add",
+        resource="token/" + audit.token_id(token_hash),
+        details={"bot": bot_name, "expires": format_time(expires)},
+    )
 
 
 def _new_token(ttl: timedelta, now: datetime) -> tuple[str, datetime]:

@@ -4,14 +4,16 @@ Endpoints (shapes in :mod:`tbot_py.client.wire`):
 
 * ``GET /webapi/find`` (and ``/v1/...``): cluster name and version, unauthenticated.
 * ``GET /webapi/auth/export?type=...`` (and ``/v1/...``): CA export, plain text.
-* ``POST /v1/webapi/host/credentials``: token join, unauthenticated.
+* ``POST /v1/webapi/host/credentials``: token join, unauthenticated, rate limited per
+  source address (:mod:`.ratelimit`).
 * ``POST /v1/bot/renew``, ``POST /v1/bot/certs``, ``GET /v1/bot/cas``: mTLS with
   the bot's own (renewable, not impersonated) certificate.
 
 Every error is ``{"error": {"message": ...}}`` with Teleport's status code,
 except on the export endpoint, which answers in plain text as Teleport does.
 Messages never echo a token or a key; unexpected failures become a bare 500
-and their traceback goes to the server log only.
+and their traceback goes to the server log only. Every join, renewal, issuance
+and CA fetch, allowed or not, is one line in the audit log (:mod:`.audit`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -32,10 +34,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import tbot_py
-from tbot_py.authservice import ca
+from tbot_py.authservice import audit, ca, rbac
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AccessDenied, AuthServiceError, BadParameter
-from tbot_py.authservice.storage import TOKEN_NOT_VALID, BotRecord
+from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
+from tbot_py.authservice.roles import Role
+from tbot_py.authservice.storage import TOKEN_NOT_VALID, BotRecord, role_not_found
 from tbot_py.client import wire
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
@@ -111,13 +115,36 @@ def requested_public_key(public_keys: wire.PublicKeys) -> keys.PublicKey:
     return tls_key
 
 
+def certificate_profile(bot: BotRecord, roles: Sequence[Role]) -> ca.BotProfile:
+    """What a certificate holding ``roles`` carries for ``bot``: role logins and the bot's traits.
+
+    The logins are the roles' ``allow.logins`` minus their ``deny.logins``, with
+    ``{{internal.logins}}`` expanded to the bot's logins.
+    """
+    return ca.BotProfile(
+        name=bot.name,
+        roles=bot.roles,
+        logins=rbac.certificate_logins(roles, bot.traits),
+        traits=bot.traits,
+    )
+
+
 class AuthAPI:
     """The request handlers, bound to one opened cluster."""
 
-    def __init__(self, cluster: Cluster, *, public_addr: str, clock: Clock = utc_now) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        *,
+        public_addr: str,
+        clock: Clock = utc_now,
+        join_limiter: SourceRateLimiter | None = None,
+    ) -> None:
         self.cluster = cluster
         self.public_addr = public_addr
         self.clock = clock
+        self.join_limiter = join_limiter if join_limiter is not None else SourceRateLimiter()
+        self.audit_log = audit.AuditLog(audit.audit_log_path(cluster.data_dir))
 
     # -- unauthenticated ------------------------------------------------------------
 
@@ -146,7 +173,9 @@ class AuthAPI:
 
     async def join(self, request: web.Request) -> web.Response:
         """``POST /v1/webapi/host/credentials``: spend a join token, get the bot's identity."""
-        with _audit("bot.join", request) as fields:
+        with self._audit("bot.join", request) as fields:
+            # Before reading the body: a refused attempt costs us next to nothing.
+            self.join_limiter.check(request.remote)
             req = wire.RegisterUsingTokenRequest.from_json(await _read_json(request))
             if req.role != wire.ROLE_BOT:
                 raise BadParameter(f'the token does not allow "{req.role[:64]}" role')
@@ -156,16 +185,23 @@ class AuthAPI:
             if not req.token:
                 raise AccessDenied(TOKEN_NOT_VALID)
             instance_id = str(uuid.uuid4())
+            # The token is found by an SQL equality on its SHA-256, not compared in
+            # Python. Timing can leak at most how much of the *hash* matched, and the
+            # attacker chooses the preimage, not the hash: to steer the hash byte by
+            # byte they would have to invert SHA-256. So no constant-time compare here.
+            token_hash = keys.token_hash(req.token)
+            fields["resource"] = "token/" + audit.token_id(token_hash)
             bot = await asyncio.to_thread(
                 self.cluster.storage.consume_token,
-                keys.token_hash(req.token),
+                token_hash,
                 instance_id=instance_id,
                 now=now,
             )
             fields.update(bot=bot.name, instance=instance_id, generation=1)
+            roles = await self._roles(bot, bot.roles, required=False)
             certs = ca.issue_bot_identity(
                 self.cluster.cas,
-                bot.profile,
+                certificate_profile(bot, roles),
                 instance_id=instance_id,
                 generation=1,
                 public_key=public_key,
@@ -184,19 +220,21 @@ class AuthAPI:
         stored answer again (see ``Storage.renew_instance``), so a bot that
         crashed before saving its renewed identity is not locked out.
         """
-        with _audit("bot.renew", request) as fields:
+        with self._audit("bot.renew", request) as fields:
             now = self.clock()
             caller = self._caller(request, now, fields)
+            fields["resource"] = f"bot_instance/{fields['bot']}/{fields['instance']}"
             req = wire.RenewRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
             expires = ca.grant_expiry(req.expires, now)
             bot = await self._bot(caller)
             ident = caller.identity
+            profile = certificate_profile(bot, await self._roles(bot, bot.roles, required=False))
 
             def issue(generation: int) -> tuple[str, datetime]:
                 certs = ca.issue_bot_identity(
                     self.cluster.cas,
-                    bot.profile,
+                    profile,
                     instance_id=ident.bot_instance_id,
                     generation=generation,
                     public_key=public_key,
@@ -226,14 +264,17 @@ class AuthAPI:
                     answer.generation,
                 )
             fields["generation"] = answer.generation
+            if answer.retry:
+                fields["idempotent_retry"] = True
             fields["expires"] = wire.format_time(answer.expires)
         return web.json_response(text=answer.body)
 
     async def certs(self, request: web.Request) -> web.Response:
         """``POST /v1/bot/certs``: an impersonated identity for an output."""
-        with _audit("bot.issue", request) as fields:
+        with self._audit("bot.issue", request) as fields:
             now = self.clock()
             caller = self._caller(request, now, fields)
+            fields["resource"] = f"bot/{fields['bot']}"
             req = wire.ImpersonateRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
             bot = await self._known_instance(caller, now)
@@ -242,11 +283,17 @@ class AuthAPI:
                 if role not in bot.roles:
                     raise AccessDenied(f'role "{role[:64]}" is not allowed for bot "{bot.name}"')
             fields["roles"] = ",".join(roles)
-            # An output never outlives the bot identity that asked for it.
-            expires = ca.grant_expiry(req.expires, now, not_after=caller.not_after)
+            granted = await self._roles(bot, roles, required=True)
+            # An output never outlives the bot identity that asked for it, nor the
+            # shortest max_session_ttl of its roles.
+            not_after = caller.not_after
+            ttl_limit = rbac.session_ttl_limit(granted)
+            if ttl_limit is not None:
+                not_after = min(not_after, now + ttl_limit)
+            expires = ca.grant_expiry(req.expires, now, not_after=not_after)
             certs = ca.issue_impersonated_identity(
                 self.cluster.cas,
-                bot.profile,
+                certificate_profile(bot, granted),
                 instance_id=caller.identity.bot_instance_id,
                 roles=roles,
                 public_key=public_key,
@@ -260,8 +307,10 @@ class AuthAPI:
 
     async def cas(self, request: web.Request) -> web.Response:
         """``GET /v1/bot/cas``: the cluster's host, user and database CAs."""
-        now = self.clock()
-        await self._known_instance(self._caller(request, now, {}), now)
+        with self._audit("bot.cas", request) as fields:
+            fields["resource"] = f"cert_authority/{self.cluster.name}"
+            now = self.clock()
+            await self._known_instance(self._caller(request, now, fields), now)
         cas = self.cluster.cas
         name = self.cluster.name
         authorities = [
@@ -299,6 +348,25 @@ class AuthAPI:
             raise AccessDenied(f'bot "{name}" no longer exists')
         return bot
 
+    async def _roles(self, bot: BotRecord, names: tuple[str, ...], *, required: bool) -> list[Role]:
+        """The stored roles ``names``, in order.
+
+        A missing role is an error when ``required`` (an output asking for it).
+        Otherwise it grants nothing: a bot created before roles existed keeps
+        renewing its own identity while the admin creates them.
+        """
+        found = await asyncio.to_thread(self.cluster.storage.get_roles, names)
+        missing = [name for name in names if name not in found]
+        if missing and required:
+            raise AccessDenied(role_not_found(missing[0]))
+        if missing:
+            log.warning(
+                'bot "%s" holds roles that do not exist and grant nothing: %s',
+                bot.name,
+                ", ".join(missing),
+            )
+        return [found[name] for name in names if name in found]
+
     async def _known_instance(self, caller: BotCaller, now: datetime) -> BotRecord:
         bot = await self._bot(caller)
         instance_id = caller.identity.bot_instance_id
@@ -309,10 +377,22 @@ class AuthAPI:
             raise AccessDenied(f"bot instance {bot.name}/{instance_id} not found")
         return bot
 
+    def _audit(self, event: str, request: web.Request) -> AbstractContextManager[dict[str, Any]]:
+        return audit.audited_call(self.audit_log, event, remote=request.remote)
 
-def create_app(cluster: Cluster, *, public_addr: str, clock: Clock = utc_now) -> web.Application:
-    """The aiohttp application serving ``cluster``; ``public_addr`` is what find reports."""
-    api = AuthAPI(cluster, public_addr=public_addr, clock=clock)
+
+def create_app(
+    cluster: Cluster,
+    *,
+    public_addr: str,
+    clock: Clock = utc_now,
+    join_limiter: SourceRateLimiter | None = None,
+) -> web.Application:
+    """The aiohttp application serving ``cluster``; ``public_addr`` is what find reports.
+
+    ``join_limiter`` limits joins per source (default: ``ratelimit.DEFAULT_JOIN_RATE``).
+    """
+    api = AuthAPI(cluster, public_addr=public_addr, clock=clock, join_limiter=join_limiter)
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_error_middleware])
     for prefix in ("", "/v1"):
         app.router.add_get(prefix + wire.PATH_FIND, api.find)
@@ -324,14 +404,16 @@ def create_app(cluster: Cluster, *, public_addr: str, clock: Clock = utc_now) ->
     return app
 
 
-def _json_error(status: int, message: str) -> web.Response:
-    return web.json_response(wire.error_body(message), status=status)
+def _json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(wire.error_body(message), status=status, headers=headers)
 
 
 @web.middleware
 async def _error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except RateLimited as exc:
+        return _json_error(exc.status, exc.message, {"Retry-After": str(exc.retry_after_s)})
     except AuthServiceError as exc:
         status, message = exc.status, exc.message
     except wire.WireError as exc:
@@ -360,26 +442,3 @@ async def _read_json(request: web.Request) -> object:
         return json.loads(raw)
     except ValueError:  # includes JSONDecodeError and UnicodeDecodeError
         raise BadParameter("request body is not valid JSON") from None
-
-
-@contextmanager
-def _audit(event: str, request: web.Request) -> Iterator[dict[str, Any]]:
-    """Log one INFO line per join/renew/issue with its outcome; never a token or key."""
-    fields: dict[str, Any] = {}
-    remote = request.remote or "-"
-
-    def line() -> str:
-        names = ("bot", "instance", "generation", "roles", "expires")
-        parts = [f"{k}={fields[k]}" for k in names if k in fields]
-        return " ".join([*parts, f"remote={remote}"])
-
-    try:
-        yield fields
-    except (AuthServiceError, wire.WireError) as exc:
-        status = exc.status if isinstance(exc, AuthServiceError) else 400
-        log.info("%s result=denied status=%d %s reason=%r", event, status, line(), str(exc))
-        raise
-    except Exception:
-        log.info("%s result=error %s", event, line())
-        raise
-    log.info("%s result=ok %s", event, line())

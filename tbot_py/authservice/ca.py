@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -114,11 +114,16 @@ class ClusterCAs:
 
 @dataclass(frozen=True)
 class BotProfile:
-    """What an issued certificate needs to know about a bot."""
+    """What an issued certificate needs to know about a bot.
+
+    ``logins`` are the SSH logins the certificate grants (from its roles);
+    ``traits``, when set, are written to the certificate as Teleport does.
+    """
 
     name: str
     roles: tuple[str, ...]
     logins: tuple[str, ...] = ()
+    traits: Mapping[str, Sequence[str]] | None = None
 
     @property
     def username(self) -> str:
@@ -234,6 +239,7 @@ def issue_bot_identity(
         generation=generation,
         bot_name=bot.name,
         bot_instance_id=instance_id,
+        traits=_traits(bot),
     )
     return _issue_user_identity(cas, identity, public_key, expires=expires, now=now)
 
@@ -261,8 +267,13 @@ def issue_impersonated_identity(
         disallow_reissue=not reissuable,
         bot_name=bot.name,
         bot_instance_id=instance_id,
+        traits=_traits(bot),
     )
     return _issue_user_identity(cas, identity, public_key, expires=expires, now=now)
+
+
+def _traits(bot: BotProfile) -> dict[str, list[str]] | None:
+    return None if bot.traits is None else {k: list(v) for k, v in bot.traits.items()}
 
 
 def _issue_user_identity(
@@ -305,6 +316,11 @@ def ssh_extensions(identity: TLSIdentity) -> dict[str, str]:
         ),
         tlsid.SSH_EXT_ROUTE_TO_CLUSTER: identity.route_to_cluster,
     }
+    if identity.traits is not None:
+        # The same JSON as the X.509 POSTALCODE attribute.
+        exts[tlsid.SSH_EXT_TELEPORT_TRAITS] = json.dumps(
+            identity.traits, sort_keys=True, separators=(",", ":")
+        )
     if identity.bot_name:
         exts[tlsid.SSH_EXT_BOT_NAME] = identity.bot_name
     if identity.bot_instance_id:

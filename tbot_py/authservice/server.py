@@ -33,6 +33,7 @@ from tbot_py.authservice.cluster import (
     write_server_credentials,
 )
 from tbot_py.authservice.errors import BadParameter
+from tbot_py.authservice.ratelimit import DEFAULT_JOIN_RATE, Rate, SourceRateLimiter
 
 log = logging.getLogger("tbot_py.authservice")
 
@@ -122,11 +123,18 @@ async def _run(
     stop: asyncio.Event,
     on_ready: Callable[[str], None],
     clock: Clock,
+    *,
+    join_rate: Rate,
 ) -> None:
     try:
         creds = write_server_credentials(cluster, listener.sans)
         ctx = server_tls_context(cluster, creds)
-        app = create_app(cluster, public_addr=listener.public_addr, clock=clock)
+        app = create_app(
+            cluster,
+            public_addr=listener.public_addr,
+            clock=clock,
+            join_limiter=SourceRateLimiter(join_rate),
+        )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         try:
@@ -135,9 +143,11 @@ async def _run(
             )
             await site.start()
             log.info(
-                "auth service for cluster %s listening on https://%s",
+                "auth service for cluster %s listening on https://%s (joins limited to %s "
+                "per source address)",
                 cluster.name,
                 listener.addr,
+                join_rate,
             )
             on_ready(listener.addr)
             await stop.wait()
@@ -154,11 +164,13 @@ def serve(
     *,
     cluster_name: str | None = None,
     public_addrs: Sequence[str] = (),
+    join_rate: Rate = DEFAULT_JOIN_RATE,
 ) -> None:
     """Run the auth service in the foreground until SIGTERM or SIGINT.
 
     When it is listening, print one JSON line ``{"addr": ..., "ca_pin": ...}``
     on stdout. Raises AuthServiceError for a bad address or data directory.
+    ``join_rate`` limits join attempts per source address.
     """
     cluster = open_cluster(data_dir, cluster_name=cluster_name)
     listener = _Listener(listen, public_addrs)
@@ -172,7 +184,7 @@ def serve(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await _run(cluster, listener, stop, ready, utc_now)
+        await _run(cluster, listener, stop, ready, utc_now, join_rate=join_rate)
 
     asyncio.run(main())
 
@@ -184,7 +196,9 @@ class RunningAuthService:
     block) shuts it down and waits for the thread.
     """
 
-    def __init__(self, cluster: Cluster, listener: _Listener, clock: Clock) -> None:
+    def __init__(
+        self, cluster: Cluster, listener: _Listener, clock: Clock, join_rate: Rate
+    ) -> None:
         self.cluster = cluster
         self.cluster_name = cluster.name
         self.ca_pin = cluster.ca_pin
@@ -192,6 +206,7 @@ class RunningAuthService:
         self.addr = listener.addr
         self._listener = listener
         self._clock = clock
+        self._join_rate = join_rate
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -210,7 +225,14 @@ class RunningAuthService:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stop = asyncio.Event()
-            await _run(self.cluster, self._listener, self._stop, self._on_ready, self._clock)
+            await _run(
+                self.cluster,
+                self._listener,
+                self._stop,
+                self._on_ready,
+                self._clock,
+                join_rate=self._join_rate,
+            )
 
         try:
             asyncio.run(main())
@@ -252,12 +274,14 @@ def start_in_thread(
     *,
     public_addrs: Sequence[str] = (),
     clock: Clock = utc_now,
+    join_rate: Rate = DEFAULT_JOIN_RATE,
 ) -> RunningAuthService:
     """Start the auth service in a background thread; return once it is listening.
 
-    For the demo and tests. ``clock`` replaces the real time in request handling.
+    For the demo and tests. ``clock`` replaces the real time in request handling;
+    ``join_rate`` limits join attempts per source address.
     """
     cluster = open_cluster(data_dir, cluster_name=cluster_name)
-    service = RunningAuthService(cluster, _Listener(listen, public_addrs), clock)
+    service = RunningAuthService(cluster, _Listener(listen, public_addrs), clock, join_rate)
     service._start()
     return service

@@ -1,4 +1,4 @@
-"""SQLite state of the auth service: bots, hashed join tokens and bot instances.
+"""SQLite state of the auth service: roles, bots, hashed join tokens and bot instances.
 
 The running server and the admin CLI open the same ``state.db`` at the same
 time, so every operation is one short transaction on its own connection:
@@ -14,11 +14,15 @@ Each bot instance also keeps its last renewal (the generation it was renewed
 from, the SHA-256 of the new public key and the exact answer), so a bot that
 crashed before saving that answer can fetch it again: see ``renew_instance``.
 The answer holds only certificates, never a private key.
+
+Roles are stored as JSON. A bot may only reference roles that exist, and a role a
+bot uses cannot be deleted; both are checked in the transaction that changes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import sqlite3
@@ -28,11 +32,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tbot_py.authservice.ca import BotProfile
-from tbot_py.authservice.errors import AccessDenied, AlreadyExists, AuthServiceError, NotFound
+from tbot_py.authservice.errors import (
+    AccessDenied,
+    AlreadyExists,
+    AuthServiceError,
+    BadParameter,
+    NotFound,
+)
+from tbot_py.authservice.roles import PRESET_ROLES, Role, role_from_data
+from tbot_py.errors import ConfigError
 
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 5000
 JOIN_METHOD_TOKEN = "token"  # noqa: S105 - a join method name, not a secret
 
@@ -78,10 +89,41 @@ _SCHEMA_V2 = (
     "ALTER TABLE bot_instances ADD COLUMN renewal_expires_at TEXT",
 )
 
-_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _SCHEMA_V1, 2: _SCHEMA_V2}
+
+def _seed_preset_roles(conn: sqlite3.Connection) -> None:
+    now = _ts(datetime.now(UTC))
+    for role in PRESET_ROLES:
+        conn.execute(
+            "INSERT INTO roles (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?)",
+            (role.name, role.model_dump_json(), now, now),
+        )
+
+
+# v3: role resources, seeded with the presets (access, editor, auditor). Bots created
+# before v3 may name roles that do not exist; they grant nothing until created.
+_SCHEMA_V3: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+    """CREATE TABLE roles (
+        name       TEXT PRIMARY KEY,
+        definition TEXT NOT NULL,     -- the Role as JSON
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )""",
+    _seed_preset_roles,
+)
+
+_MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
+    1: _SCHEMA_V1,
+    2: _SCHEMA_V2,
+    3: _SCHEMA_V3,
+}
 
 # Teleport's wording; deliberately the same for unknown, used and expired tokens.
 TOKEN_NOT_VALID = 'can not join the cluster with role "Bot", the token is not valid'  # noqa: S105
+
+
+def role_not_found(name: str) -> str:
+    """The error for a bot naming a role that does not exist."""
+    return f'role "{name}" not found; create it with tbot-py auth create -f role.yaml'
 
 
 class SchemaTooNew(AuthServiceError):
@@ -98,9 +140,9 @@ class BotRecord:
     created_at: datetime
 
     @property
-    def profile(self) -> BotProfile:
-        """What the certificate templates need to know about this bot."""
-        return BotProfile(name=self.name, roles=self.roles, logins=self.logins)
+    def traits(self) -> dict[str, tuple[str, ...]]:
+        """The bot's traits, which role templates such as ``{{internal.logins}}`` expand."""
+        return {"logins": self.logins}
 
 
 @dataclass(frozen=True)
@@ -120,6 +162,17 @@ class BotInstanceRecord:
     generation: int
     created_at: datetime
     last_seen_at: datetime
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """A stored join token: its hash (never shown), bot, join method and expiry."""
+
+    token_hash: str
+    bot_name: str
+    join_method: str
+    expires_at: datetime
+    created_at: datetime
 
 
 @dataclass(frozen=True)
@@ -193,7 +246,10 @@ class Storage:
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
-                    conn.execute(statement)
+                    if callable(statement):
+                        statement(conn)
+                    else:
+                        conn.execute(statement)
             if version != SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -230,7 +286,8 @@ class Storage:
     ) -> None:
         """Create ``bot`` and, in the same transaction, its first join token.
 
-        Raises AlreadyExists when a bot of that name exists.
+        Raises AlreadyExists when a bot of that name exists, NotFound when one of
+        its roles does not.
         """
         with self._transaction(write=True) as conn:
             try:
@@ -240,6 +297,7 @@ class Storage:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f'bot "{bot.name}" already exists') from None
+            _require_roles(conn, bot.roles)
             if token_hash is not None and token_expires is not None:
                 _insert_token(conn, token_hash, bot.name, token_expires, bot.created_at)
 
@@ -257,6 +315,28 @@ class Storage:
                 "GROUP BY b.name ORDER BY b.name"
             ).fetchall()
         return [BotSummary(bot=_bot_from_row(row[:4]), instance_count=int(row[4])) for row in rows]
+
+    def update_bot_roles(
+        self, name: str, *, add: tuple[str, ...] = (), remove: tuple[str, ...] = ()
+    ) -> BotRecord:
+        """Add and remove roles of bot ``name``; the bot keeps at least one role.
+
+        Raises NotFound for an unknown bot or role, BadParameter when a role to
+        remove is not the bot's or none would be left.
+        """
+        with self._transaction(write=True) as conn:
+            bot = _get_bot(conn, name)
+            if bot is None:
+                raise NotFound(f'bot "{name}" not found')
+            _require_roles(conn, add)
+            for role in remove:
+                if role not in bot.roles:
+                    raise BadParameter(f'bot "{name}" does not have role "{role}"')
+            roles = tuple(r for r in dict.fromkeys((*bot.roles, *add)) if r not in remove)
+            if not roles:
+                raise BadParameter(f'bot "{name}" needs at least one role')
+            conn.execute("UPDATE bots SET roles = ? WHERE name = ?", (json.dumps(roles), name))
+        return BotRecord(name=name, roles=roles, logins=bot.logins, created_at=bot.created_at)
 
     def remove_bot(self, name: str) -> None:
         """Delete a bot with its tokens and instances; NotFound when there is no such bot."""
@@ -276,6 +356,36 @@ class Storage:
             # Expired tokens are useless; drop them while we hold the write lock anyway.
             conn.execute("DELETE FROM join_tokens WHERE expires_at <= ?", (_ts(now),))
             _insert_token(conn, token_hash, bot_name, expires, now)
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """Every stored join token (expired ones included), by expiry."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                "SELECT token_hash, bot_name, join_method, expires_at, created_at "
+                "FROM join_tokens ORDER BY expires_at, bot_name, token_hash"
+            ).fetchall()
+        return [_token_from_row(row) for row in rows]
+
+    def remove_token(self, hash_prefix: str) -> TokenRecord:
+        """Delete the one token whose hash starts with ``hash_prefix`` (lowercase hex).
+
+        Raises NotFound when none matches and BadParameter when several do.
+        """
+        with self._transaction(write=True) as conn:
+            rows = conn.execute(
+                "SELECT token_hash, bot_name, join_method, expires_at, created_at "
+                "FROM join_tokens WHERE substr(token_hash, 1, ?) = ?",
+                (len(hash_prefix), hash_prefix),
+            ).fetchall()
+            if not rows:
+                raise NotFound(f'no join token with id "{hash_prefix}"')
+            if len(rows) > 1:
+                raise BadParameter(
+                    f'token id "{hash_prefix}" is ambiguous: {len(rows)} tokens match; '
+                    "give more of the id shown by tbot-py auth tokens ls"
+                )
+            conn.execute("DELETE FROM join_tokens WHERE token_hash = ?", (rows[0][0],))
+        return _token_from_row(rows[0])
 
     def count_tokens(self, bot_name: str) -> int:
         """How many join tokens are stored for ``bot_name`` (used or expired ones excluded)."""
@@ -322,15 +432,19 @@ class Storage:
                 "WHERE id = ? AND bot_name = ?",
                 (instance_id, bot_name),
             ).fetchone()
-        if row is None:
-            return None
-        return BotInstanceRecord(
-            id=str(row[0]),
-            bot_name=str(row[1]),
-            generation=int(row[2]),
-            created_at=_dt(row[3]),
-            last_seen_at=_dt(row[4]),
-        )
+        return None if row is None else _instance_from_row(row)
+
+    def list_instances(self, bot_name: str) -> list[BotInstanceRecord]:
+        """The instances of ``bot_name``, oldest first; NotFound when there is no such bot."""
+        with self._transaction() as conn:
+            if _get_bot(conn, bot_name) is None:
+                raise NotFound(f'bot "{bot_name}" not found')
+            rows = conn.execute(
+                "SELECT id, bot_name, generation, created_at, last_seen_at FROM bot_instances "
+                "WHERE bot_name = ? ORDER BY created_at, id",
+                (bot_name,),
+            ).fetchall()
+        return [_instance_from_row(row) for row in rows]
 
     def renew_instance(
         self,
@@ -390,7 +504,8 @@ class Storage:
             if (
                 presented == stored - 1
                 and renewed_from == presented
-                and renewal_key == key_sha256
+                and renewal_key is not None
+                and hmac.compare_digest(renewal_key, key_sha256)
                 and renewal_answer is not None
                 and renewal_expires is not None
                 and _dt(renewal_expires) > now
@@ -418,6 +533,94 @@ class Storage:
                 (_ts(now), instance_id, bot_name),
             ).rowcount
         return updated == 1
+
+    # -- roles ------------------------------------------------------------------------
+
+    def put_role(self, role: Role, now: datetime, *, overwrite: bool = False) -> bool:
+        """Store ``role``; True when it replaced one of the same name.
+
+        Raises AlreadyExists when the role exists and ``overwrite`` is False.
+        """
+        with self._transaction(write=True) as conn:
+            exists = (
+                conn.execute("SELECT 1 FROM roles WHERE name = ?", (role.name,)).fetchone()
+                is not None
+            )
+            if exists and not overwrite:
+                raise AlreadyExists(f'role "{role.name}" already exists')
+            conn.execute(
+                "INSERT INTO roles (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, "
+                "updated_at = excluded.updated_at",
+                (role.name, role.model_dump_json(), _ts(now), _ts(now)),
+            )
+        return exists
+
+    def get_role(self, name: str) -> Role | None:
+        """The role called ``name``, or None."""
+        return self.get_roles((name,)).get(name)
+
+    def get_roles(self, names: tuple[str, ...]) -> dict[str, Role]:
+        """The roles among ``names`` that exist, by name."""
+        with self._transaction() as conn:
+            rows = conn.execute(
+                f"SELECT name, definition FROM roles WHERE name IN ({_placeholders(names)})",  # noqa: S608
+                names,
+            ).fetchall()
+        return {str(name): _role_from_json(str(name), str(text)) for name, text in rows}
+
+    def list_roles(self) -> list[Role]:
+        """Every role, by name."""
+        with self._transaction() as conn:
+            rows = conn.execute("SELECT name, definition FROM roles ORDER BY name").fetchall()
+        return [_role_from_json(str(name), str(text)) for name, text in rows]
+
+    def delete_role(self, name: str) -> None:
+        """Delete role ``name``.
+
+        Raises NotFound when there is none and BadParameter when a bot still uses it.
+        """
+        with self._transaction(write=True) as conn:
+            users = [
+                str(bot)
+                for bot, roles in conn.execute("SELECT name, roles FROM bots ORDER BY name")
+                if name in json.loads(str(roles))
+            ]
+            if users:
+                raise BadParameter(
+                    f'role "{name}" is still used by bot{"s" if len(users) > 1 else ""} '
+                    f"{', '.join(users)}; first take it away with "
+                    f"tbot-py auth bots update BOT --remove-roles {name}"
+                )
+            if conn.execute("DELETE FROM roles WHERE name = ?", (name,)).rowcount != 1:
+                raise NotFound(f'role "{name}" not found')
+
+
+def _require_roles(conn: sqlite3.Connection, names: tuple[str, ...]) -> None:
+    """Raise NotFound for the first of ``names`` that is not a stored role."""
+    rows = conn.execute(
+        f"SELECT name FROM roles WHERE name IN ({_placeholders(names)})",  # noqa: S608
+        names,
+    ).fetchall()
+    found = {str(row[0]) for row in rows}
+    for name in names:
+        if name not in found:
+            raise NotFound(role_not_found(name))
+
+
+def _placeholders(values: tuple[object, ...]) -> str:
+    return ", ".join("?" * len(values))
+
+
+def _role_from_json(name: str, text: str) -> Role:
+    try:
+        return role_from_data(json.loads(text))
+    except (ValueError, ConfigError):
+        pass
+    # Not chained: the error would quote the stored definition.
+    raise AuthServiceError(
+        f'stored role "{name}" is damaged; replace it with tbot-py auth create -f role.yaml --force'
+    )
 
 
 def _insert_token(
@@ -447,6 +650,28 @@ def _bot_from_row(row: tuple[object, ...]) -> BotRecord:
         name=str(name),
         roles=tuple(json.loads(str(roles))),
         logins=tuple(json.loads(str(logins))),
+        created_at=_dt(created_at),
+    )
+
+
+def _instance_from_row(row: tuple[object, ...]) -> BotInstanceRecord:
+    instance_id, bot_name, generation, created_at, last_seen_at = row
+    return BotInstanceRecord(
+        id=str(instance_id),
+        bot_name=str(bot_name),
+        generation=int(str(generation)),
+        created_at=_dt(created_at),
+        last_seen_at=_dt(last_seen_at),
+    )
+
+
+def _token_from_row(row: tuple[object, ...]) -> TokenRecord:
+    token_hash, bot_name, join_method, expires_at, created_at = row
+    return TokenRecord(
+        token_hash=str(token_hash),
+        bot_name=str(bot_name),
+        join_method=str(join_method),
+        expires_at=_dt(expires_at),
         created_at=_dt(created_at),
     )
 

@@ -21,6 +21,7 @@ already gave instead of a generation-mismatch lockout.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,7 +175,7 @@ async def obtain_bot_identity(
     now = clock()
     if stored is not None:
         identity, stored_hash = stored
-        if token and stored_hash != token_hash:
+        if token and not hmac.compare_digest(stored_hash, token_hash):
             log.info("the join token changed; discarding the stored identity and joining again")
             stored = None
         elif not identity.is_valid_at(now):

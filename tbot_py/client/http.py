@@ -8,6 +8,7 @@ the URL, the status and the server's error message, never the request body.
 from __future__ import annotations
 
 import json
+import re
 import ssl
 from typing import Any, TypeVar
 
@@ -136,8 +137,12 @@ class AuthClient:
             message = response.text.strip().splitlines()[0]
         if message is None:
             message = f"unexpected answer ({content_type or 'no content type'})"
+        message = _one_line(message)
+        retry_after = response.headers.get("retry-after", "").strip()
+        if status == 429 and re.fullmatch(r"[0-9]{1,9}", retry_after):
+            message += f" (Retry-After: {retry_after}s)"
         cls = _STATUS_ERRORS.get(status) or (ServerError if status >= 500 else ProtocolError)
-        return cls(_one_line(message), url=url, status=status)
+        return cls(message, url=url, status=status)
 
     async def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> object:
         content = await self._request(method, path, body)

@@ -92,10 +92,18 @@ class AuthService:
             self.process.stdout.close()
 
 
-def start_auth_service(data_dir: Path, listen: str = "127.0.0.1:0") -> AuthService:
-    """Start the auth service and wait for its one JSON ready line on stdout."""
+def start_auth_service(
+    data_dir: Path, listen: str = "127.0.0.1:0", *extra_args: str
+) -> AuthService:
+    """Start the auth service and wait for its one JSON ready line on stdout.
+
+    Tests share one service across many joins from 127.0.0.1, so the join rate limit
+    is raised unless a test passes its own ``--join-rate``.
+    """
+    if "--join-rate" not in extra_args:
+        extra_args = (*extra_args, "--join-rate", "600/m")
     process = subprocess.Popen(
-        [TBOT, "auth", "start", "--data-dir", str(data_dir), "--listen", listen],
+        [TBOT, "auth", "start", "--data-dir", str(data_dir), "--listen", listen, *extra_args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -18,6 +18,7 @@ from tbot_py.authservice.server import RunningAuthService, start_in_thread
 from tbot_py.client import wire
 from tbot_py.identity import keys
 from tbot_py.identity.tlsid import TLSIdentity
+from tests.unit.conftest import create_login_roles
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,7 @@ def client(service: RunningAuthService, tmp_path: Path) -> AuthClient:
 @pytest.fixture
 def bot_token(client: AuthClient) -> str:
     """A join token for bot "ci" with roles access,dev and login root."""
+    create_login_roles(client.cluster, "dev")
     created = admin.add_bot(client.cluster, "ci", roles=("access", "dev"), logins=("root",))
     return created.token.token
 

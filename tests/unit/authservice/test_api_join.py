@@ -18,6 +18,7 @@ from tbot_py.authservice import admin
 from tbot_py.authservice.server import RunningAuthService
 from tbot_py.client import wire
 from tbot_py.identity import keys, tlsid
+from tests.unit.conftest import create_login_roles
 
 from .conftest import AuthClient, public_keys
 
@@ -242,6 +243,7 @@ def test_client_cert_from_another_cluster_fails_the_handshake(
 
     with start_in_thread(tmp_path / "other") as other:
         other_client = AuthClient(other, tmp_path)
+        create_login_roles(other.cluster, "r")
         token = admin.add_bot(other.cluster, "ci", roles=("r",)).token.token
         foreign = other_client.join(token)
     # TLS 1.3 reports the refused client certificate after the client's handshake ends.
@@ -278,6 +280,7 @@ def test_unexpected_failure_is_a_bare_500_with_the_traceback_in_the_log(
         caplog.at_level(logging.INFO, logger="tbot_py.authservice"),
         start_in_thread(tmp_path / "d", clock=broken_clock) as svc,
     ):
+        create_login_roles(svc.cluster, "r")
         token = admin.add_bot(svc.cluster, "ci", roles=("r",)).token.token
         req = wire.RegisterUsingTokenRequest(
             token=token, keys=public_keys(keys.generate_private_key())

@@ -21,6 +21,7 @@ from tbot_py.authservice.cluster import open_cluster
 from tbot_py.cli.auth import auth
 from tbot_py.client import wire
 from tbot_py.identity import keys
+from tests.unit.conftest import create_login_roles
 
 
 def run(*args: str | Path) -> Result:
@@ -36,6 +37,7 @@ def assert_one_error_line(result: Result, needle: str) -> None:
 
 
 def add_bot_json(data_dir: Path, *extra: str) -> dict[str, object]:
+    create_login_roles(open_cluster(data_dir), "dev")
     result = run("bots", "add", "ci", "--roles", "access,dev", "--format", "json",
                  "--data-dir", data_dir, *extra)  # fmt: skip
     assert result.exit_code == 0, result.output

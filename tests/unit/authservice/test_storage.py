@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from tbot_py.authservice.errors import AccessDenied, AlreadyExists, NotFound
+from tbot_py.authservice.errors import AccessDenied, AlreadyExists, BadParameter, NotFound
+from tbot_py.authservice.roles import (
+    LOGINS_TRAIT,
+    PRESET_ROLES,
+    MCPRule,
+    RoleConditions,
+    new_role,
+)
 from tbot_py.authservice.storage import (
     SCHEMA_VERSION,
     BotRecord,
@@ -345,7 +352,7 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert "renewal_answer" not in dict(_columns(path))
 
     store = Storage.open(path)
-    assert store.schema_version() == SCHEMA_VERSION == 2
+    assert store.schema_version() == SCHEMA_VERSION == 3
     fresh = tmp_path / "fresh.db"
     Storage.open(fresh)
     assert _columns(path) == _columns(fresh)
@@ -366,7 +373,163 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert _renew(store, 1, instance="i-1") == RenewalAnswer(
         generation=2, body=first.body, expires=first.expires, retry=True
     )
-    assert Storage.open(path).schema_version() == 2  # reopening is a no-op
+    assert Storage.open(path).schema_version() == 3  # reopening is a no-op
+
+
+# v2 as tbot-py created it: v1 plus the renewal columns, frozen here.
+SCHEMA_V2_ADDITIONS = """
+ALTER TABLE bot_instances ADD COLUMN renewed_from INTEGER;
+ALTER TABLE bot_instances ADD COLUMN renewal_key_sha256 TEXT;
+ALTER TABLE bot_instances ADD COLUMN renewal_answer TEXT;
+ALTER TABLE bot_instances ADD COLUMN renewal_expires_at TEXT;
+PRAGMA user_version = 2;
+"""
+SCHEMA_V2_SQL = SCHEMA_V1_SQL.replace("PRAGMA user_version = 1;", "") + SCHEMA_V2_ADDITIONS
+
+
+def _role_names(path: Path) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [str(r[0]) for r in conn.execute("SELECT name FROM roles ORDER BY name")]
+    finally:
+        conn.close()
+
+
+def test_version_2_database_is_migrated_to_3_with_the_preset_roles(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(SCHEMA_V2_SQL)
+        with conn:
+            # A bot from before roles existed, naming a role that is not a preset.
+            conn.execute(
+                "INSERT INTO bots VALUES ('ci', '[\"access\", \"dev\"]', '[\"root\"]', ?)",
+                (V1_TIME,),
+            )
+    finally:
+        conn.close()
+
+    store = Storage.open(path)
+    assert store.schema_version() == 3
+    assert [role.name for role in store.list_roles()] == ["access", "auditor", "editor"]
+    access = store.get_role("access")
+    assert access is not None
+    assert access.spec.allow.logins == (LOGINS_TRAIT,)
+    assert access.spec.allow.app_labels == {"*": "*"}
+    assert access.spec.allow.mcp == MCPRule(tools=("*",))
+    assert access.max_session_ttl == timedelta(hours=30)
+    editor = store.get_role("editor")
+    assert editor is not None
+    assert editor.spec.allow == RoleConditions(app_labels={"*": "*"})
+    auditor = store.get_role("auditor")
+    assert auditor is not None and auditor.spec.allow == RoleConditions()
+    assert store.list_roles() == sorted(PRESET_ROLES, key=lambda r: r.name)
+    bot = store.get_bot("ci")
+    assert bot is not None and bot.roles == ("access", "dev")  # kept; "dev" grants nothing
+    Storage.open(path)  # reopening seeds nothing twice
+    assert _role_names(path) == ["access", "auditor", "editor"]
+
+
+def test_new_database_has_the_preset_roles(tmp_path: Path) -> None:
+    store = Storage.open(tmp_path / "state.db")
+    assert store.list_roles() == sorted(PRESET_ROLES, key=lambda r: r.name)
+
+
+def test_roles_are_created_replaced_only_with_overwrite_read_and_deleted(
+    storage: Storage,
+) -> None:
+    first = new_role("dev", allow=RoleConditions(logins=("ubuntu",)))
+    second = new_role("dev", max_session_ttl=timedelta(hours=1))
+    assert storage.put_role(first, NOW) is False
+    with pytest.raises(AlreadyExists, match='role "dev" already exists'):
+        storage.put_role(second, NOW)
+    assert storage.get_role("dev") == first
+    assert storage.put_role(second, NOW, overwrite=True) is True
+    assert Storage.open(storage.path).get_role("dev") == second
+    assert storage.get_roles(("dev", "nope", "access"))["dev"] == second
+    assert set(storage.get_roles(("dev", "nope", "access"))) == {"dev", "access"}
+    storage.delete_role("dev")
+    assert storage.get_role("dev") is None
+    with pytest.raises(NotFound, match='role "dev" not found'):
+        storage.delete_role("dev")
+
+
+def test_a_role_in_use_cannot_be_deleted_and_the_error_names_the_bots(storage: Storage) -> None:
+    storage.put_role(new_role("dev"), NOW)
+    for name in ("b2", "b1"):
+        storage.add_bot(BotRecord(name=name, roles=("dev",), logins=(), created_at=NOW))
+    with pytest.raises(BadParameter) as err:
+        storage.delete_role("dev")
+    assert err.value.message.startswith('role "dev" is still used by bots b1, b2; ')
+    assert "--remove-roles dev" in err.value.message
+    assert storage.get_role("dev") is not None
+
+
+def test_a_bot_naming_an_unknown_role_is_refused_and_not_created(storage: Storage) -> None:
+    with pytest.raises(NotFound) as err:
+        storage.add_bot(
+            BotRecord(name="new", roles=("access", "x"), logins=(), created_at=NOW),
+            token_hash=keys.token_hash("t2"),
+            token_expires=NOW + timedelta(hours=1),
+        )
+    assert err.value.message == (
+        'role "x" not found; create it with tbot-py auth create -f role.yaml'
+    )
+    assert storage.get_bot("new") is None
+    assert storage.count_tokens("new") == 0
+
+
+def test_bot_roles_are_updated_and_a_bot_keeps_at_least_one(storage: Storage) -> None:
+    storage.put_role(new_role("dev"), NOW)
+    bot = storage.update_bot_roles("ci", add=("dev", "access"), remove=())
+    assert bot.roles == ("access", "dev")
+    bot = storage.update_bot_roles("ci", remove=("access",))
+    assert bot.roles == ("dev",)
+    stored = storage.get_bot("ci")
+    assert stored is not None and (stored.roles, stored.logins) == (("dev",), ("root",))
+    with pytest.raises(BadParameter, match='bot "ci" needs at least one role'):
+        storage.update_bot_roles("ci", remove=("dev",))
+    with pytest.raises(BadParameter, match='bot "ci" does not have role "editor"'):
+        storage.update_bot_roles("ci", remove=("editor",))
+    with pytest.raises(NotFound, match='role "ghost" not found'):
+        storage.update_bot_roles("ci", add=("ghost",))
+    with pytest.raises(NotFound, match='bot "nope" not found'):
+        storage.update_bot_roles("nope", add=("dev",))
+    stored = storage.get_bot("ci")
+    assert stored is not None and stored.roles == ("dev",)
+
+
+def test_instances_are_listed_oldest_first(storage: Storage) -> None:
+    assert storage.list_instances("ci") == []
+    storage.add_token(keys.token_hash("t2"), "ci", NOW + timedelta(hours=1), NOW)
+    storage.consume_token(keys.token_hash(TOKEN), instance_id="i-b", now=NOW)
+    later = NOW + timedelta(minutes=1)
+    storage.consume_token(keys.token_hash("t2"), instance_id="i-a", now=later)
+    instances = storage.list_instances("ci")
+    assert [(i.id, i.generation, i.created_at) for i in instances] == [
+        ("i-b", 1, NOW),
+        ("i-a", 1, later),
+    ]
+    with pytest.raises(NotFound, match='bot "ghost" not found'):
+        storage.list_instances("ghost")
+
+
+def test_tokens_are_listed_and_removed_by_an_unambiguous_hash_prefix(storage: Storage) -> None:
+    expires = NOW + timedelta(hours=2)
+    storage.add_token("abcd1111" + "0" * 56, "ci", expires, NOW)
+    storage.add_token("abcd2222" + "0" * 56, "ci", expires, NOW)
+    listed = storage.list_tokens()
+    assert [(t.token_hash[:8], t.bot_name, t.join_method) for t in listed] == [
+        (keys.token_hash(TOKEN)[:8], "ci", "token"),
+        ("abcd1111", "ci", "token"),
+        ("abcd2222", "ci", "token"),
+    ]
+    with pytest.raises(BadParameter, match='token id "abcd" is ambiguous: 2 tokens match'):
+        storage.remove_token("abcd")
+    assert storage.remove_token("abcd1").token_hash.startswith("abcd1111")
+    with pytest.raises(NotFound, match='no join token with id "abcd1"'):
+        storage.remove_token("abcd1")
+    assert storage.count_tokens("ci") == 2
 
 
 def test_removing_a_bot_removes_its_tokens_and_instances(storage: Storage) -> None:
@@ -381,6 +544,7 @@ def test_removing_a_bot_removes_its_tokens_and_instances(storage: Storage) -> No
 
 
 def test_list_bots_counts_instances(storage: Storage) -> None:
+    storage.put_role(new_role("r"), NOW)
     storage.add_bot(BotRecord(name="a-bot", roles=("r",), logins=(), created_at=NOW))
     storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
     summaries = storage.list_bots()

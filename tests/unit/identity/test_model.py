@@ -32,6 +32,7 @@ from tbot_py.identity.model import (
     Identity,
     split_pem_certs,
 )
+from tests.unit.conftest import create_login_roles
 
 BOT = "model"
 TOKEN_HASH = keys.token_hash("the-join-token")
@@ -56,6 +57,7 @@ def _public_keys(key: keys.PrivateKey) -> wire.PublicKeys:
 def joined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Joined]:
     data_dir = tmp_path_factory.mktemp("model") / "auth"
     with start_in_thread(data_dir) as service:
+        create_login_roles(service.cluster, "dev")
         token = admin.add_bot(
             service.cluster, BOT, roles=("access", "dev"), logins=("root",)
         ).token.token

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tbot_py.authservice import admin
+from tbot_py.authservice.roles import new_role
 from tbot_py.authservice.server import RunningAuthService
 from tbot_py.bot.identity import JoinParams, obtain_bot_identity
 from tbot_py.client import tls
@@ -192,6 +194,21 @@ def test_credential_shorter_than_asked_is_logged_as_a_warning(
     [warning] = [r for r in caplog.records if r.name == "tbot_py.services.identity"]
     assert "shorter than" in warning.getMessage()
     assert warning.getMessage().startswith("out: ")
+
+
+def test_role_max_session_ttl_shortens_the_credential_and_the_client_warns(
+    service: RunningAuthService, caplog: pytest.LogCaptureFixture
+) -> None:
+    short = new_role("ten-minutes", max_session_ttl=timedelta(minutes=10))
+    admin.create_role(service.cluster, short)
+    token = admin.add_bot(service.cluster, "short", roles=("ten-minutes",)).token.token
+    settings = dataclasses.replace(SETTINGS, roles=("ten-minutes",))
+    with caplog.at_level(logging.WARNING, logger="tbot_py.services.identity"):
+        result = _generate(service, token, settings, MemoryDestination())
+    assert result.identity.not_after <= utc_now() + timedelta(minutes=10)
+    assert result.identity.not_after > utc_now() + timedelta(minutes=9)
+    [warning] = [r for r in caplog.records if r.name == "tbot_py.services.identity"]
+    assert "shorter than" in warning.getMessage()
 
 
 def test_credential_as_long_as_asked_logs_no_warning(
