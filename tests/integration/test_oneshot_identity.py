@@ -16,6 +16,7 @@ from tbot_py.identity.identityfile import parse_identity_file
 from tbot_py.identity.tlsid import TLSIdentity
 from tests.expected import BOT_STORAGE_FILES, IDENTITY_FILES, SSH_FILES
 from tests.integration.conftest import (
+    TBOT,
     AuthService,
     clean_env,
     error_lines,
@@ -324,3 +325,29 @@ def test_auth_service_restart_keeps_bots_and_instances(tmp_path: Path) -> None:
     for path in data.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
+
+
+def test_concurrent_double_spend_of_one_token_has_exactly_one_winner(
+    auth: AuthService, tmp_path: Path
+) -> None:
+    """Eight processes race to join with one single-use token: one joins, seven get 403."""
+    token = auth.add_bot("racer")
+    racers = [
+        subprocess.Popen(
+            [TBOT, *start_identity_args(auth, tmp_path / f"out{i}", tmp_path / f"s{i}")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(TELEPORT_BOT_TOKEN=token),
+        )
+        for i in range(8)
+    ]
+    outcomes = [(racer.wait(timeout=60), racer.communicate()[1]) for racer in racers]
+    winners = [err for code, err in outcomes if code == 0]
+    losers = [err for code, err in outcomes if code != 0]
+    assert len(winners) == 1
+    assert len(losers) == 7
+    for err in losers:
+        [line] = error_lines(err)
+        assert "HTTP 403" in line
+        assert token not in err
