@@ -5,7 +5,10 @@ Layout, from the inside out:
 * :mod:`.errors`  - server-side errors, each mapped to Teleport's HTTP status.
 * :mod:`.ca`      - the cluster's certificate authorities and every certificate
   template (pure: the caller passes keys and ``now``).
-* :mod:`.storage` - SQLite state: bots, hashed join tokens, bot instances.
+* :mod:`.storage` - SQLite state: the schema, bots, hashed join tokens, bot instances.
+* :mod:`.roles_store` - the roles table (``Storage.roles``).
+* :mod:`.locks`   - locks on a bot or a bot instance (``Storage.locks``), and the
+  instance lock made when a renewal presents the wrong generation.
 * :mod:`.cluster` - the data directory: CA key files, the database, the init lock.
 * :mod:`.admin`   - offline admin operations (add bot, add token, list, remove).
 * :mod:`.app`     - the aiohttp application: handlers, mTLS caller checks, errors.

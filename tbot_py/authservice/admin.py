@@ -1,4 +1,4 @@
-"""Admin operations on a cluster's state: roles, bots, bot instances and join tokens.
+"""Admin operations on a cluster's state: roles, bots, bot instances, join tokens and locks.
 
 They work on the data directory directly; the server need not run. A join
 token value exists only in the returned :class:`IssuedToken`, which the caller
@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tbot_py.authservice import audit
+from tbot_py.authservice import audit, locks
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AlreadyExists, BadParameter, NotFound
+from tbot_py.authservice.locks import Lock
 from tbot_py.authservice.roles import NAME_RE, Role, parse_role_yaml
 from tbot_py.authservice.storage import (
     JOIN_METHOD_TOKEN,
@@ -34,9 +36,12 @@ from tbot_py.config.duration import InvalidDurationError, parse_duration
 from tbot_py.identity import keys
 
 DEFAULT_TOKEN_TTL = timedelta(hours=1)
+DEFAULT_LOCK_MESSAGE = "locked by an administrator"
+MAX_LOCK_MESSAGE = 256
 
 _BOT_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _TOKEN_ID_RE = re.compile(r"^[0-9a-f]{4,64}$")
+_INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 # What ``auth get`` and ``auth rm`` accept: ``role/NAME``, or ``roles`` for all of them.
 _ROLE_KINDS = ("role", "roles")
 
@@ -237,7 +242,7 @@ def create_role(
     """
     now = now or datetime.now(UTC)
     try:
-        replaced = cluster.storage.put_role(role, now, overwrite=force)
+        replaced = cluster.storage.roles.put(role, now, overwrite=force)
     except AlreadyExists as exc:
         raise AlreadyExists(f"{exc.message}; use --force to replace it") from None
     event = "admin.role.update" if replaced else "admin.role.create"
@@ -247,7 +252,7 @@ def create_role(
 
 def get_role(cluster: Cluster, name: str) -> Role:
     """The role called ``name``; NotFound when there is none."""
-    role = cluster.storage.get_role(name)
+    role = cluster.storage.roles.get(name)
     if role is None:
         raise NotFound(f'role "{name}" not found')
     return role
@@ -255,13 +260,68 @@ def get_role(cluster: Cluster, name: str) -> Role:
 
 def list_roles(cluster: Cluster) -> list[Role]:
     """Every role, by name."""
-    return cluster.storage.list_roles()
+    return cluster.storage.roles.list_all()
 
 
 def delete_role(cluster: Cluster, name: str) -> None:
     """Delete a role; BadParameter while a bot uses it, NotFound when there is none."""
-    cluster.storage.delete_role(name)
+    cluster.storage.roles.delete(name)
     audit.emit(cluster, "admin.role.rm", resource=f"role/{name}")
+
+
+def add_lock(
+    cluster: Cluster,
+    *,
+    bot: str | None = None,
+    instance: str | None = None,
+    message: str | None = None,
+    ttl: timedelta | None = None,
+    now: datetime | None = None,
+) -> Lock:
+    """Lock bot ``bot`` or bot instance ``instance`` (``BOT/ID``): exactly one of them.
+
+    The lock holds until removed, or for ``ttl``. Raises BadParameter for a
+    malformed target, message or TTL, NotFound when the target does not exist.
+    """
+    kind, target = _lock_target(bot, instance)
+    text = DEFAULT_LOCK_MESSAGE if message is None else message.strip()
+    if not text or not text.isprintable() or len(text) > MAX_LOCK_MESSAGE:
+        raise BadParameter(
+            f"the lock message must be one printable line of 1-{MAX_LOCK_MESSAGE} characters"
+        )
+    if ttl is not None and ttl < timedelta(seconds=1):
+        raise BadParameter("lock TTL must be at least 1s")
+    now = now or datetime.now(UTC)
+    user = str(audit.local_admin_actor()["user"])
+    lock = locks.new_lock(kind, target, text, created_by=user, now=now, ttl=ttl)
+    cluster.storage.locks.add(lock)
+    audit.emit(
+        cluster, "admin.lock.add", resource=f"lock/{lock.id}", details=audit.lock_details(lock)
+    )
+    return lock
+
+
+def list_locks(cluster: Cluster) -> list[Lock]:
+    """Every stored lock, expired ones included, oldest first."""
+    return cluster.storage.locks.list_all()
+
+
+def remove_lock(cluster: Cluster, lock_id: str) -> Lock:
+    """Remove lock ``lock_id`` (the ID column of ``auth locks ls``).
+
+    Raises BadParameter for a malformed id, NotFound when there is no such lock.
+    """
+    try:
+        canonical = str(uuid.UUID(lock_id.strip()))
+    except ValueError:
+        raise BadParameter(
+            f"invalid lock id {lock_id[:80]!r}: use the ID column of tbot-py auth locks ls"
+        ) from None
+    removed = cluster.storage.locks.remove(canonical)
+    audit.emit(
+        cluster, "admin.lock.rm", resource=f"lock/{removed.id}", details=audit.lock_details(removed)
+    )
+    return removed
 
 
 def parse_resource_ref(text: str) -> tuple[str, str | None]:
@@ -270,6 +330,23 @@ def parse_resource_ref(text: str) -> tuple[str, str | None]:
     if kind not in _ROLE_KINDS or (slash and not name):
         raise BadParameter(f"unsupported resource {text[:80]!r}: use role/NAME or roles")
     return "role", name or None
+
+
+def _lock_target(bot: str | None, instance: str | None) -> tuple[str, str]:
+    """The kind and target of a lock on ``bot`` or on ``instance`` (``BOT/ID``)."""
+    if bot is not None and instance is None:
+        validate_bot_name(bot)
+        return locks.KIND_BOT, bot
+    if instance is None or bot is not None:
+        raise BadParameter("give exactly one of --bot NAME and --instance BOT/ID")
+    bot_name, slash, instance_id = instance.partition("/")
+    if not slash or not _INSTANCE_ID_RE.match(instance_id):
+        raise BadParameter(
+            f"invalid instance {instance[:80]!r}: use BOT/ID with an ID from "
+            "tbot-py auth bots instances ls BOT"
+        )
+    validate_bot_name(bot_name)
+    return locks.KIND_BOT_INSTANCE, locks.instance_target(bot_name, instance_id)
 
 
 def _emit_token_added(cluster: Cluster, token_hash: str, bot_name: str, expires: datetime) -> None:

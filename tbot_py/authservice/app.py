@@ -9,11 +9,16 @@ Endpoints (shapes in :mod:`tbot_py.client.wire`):
 * ``POST /v1/bot/renew``, ``POST /v1/bot/certs``, ``GET /v1/bot/cas``: mTLS with
   the bot's own (renewable, not impersonated) certificate.
 
+Every authenticated call is refused with 403 while a lock is in force on the
+bot or the instance, and a renewal that presents the wrong generation locks
+the instance (:mod:`.locks`).
+
 Every error is ``{"error": {"message": ...}}`` with Teleport's status code,
 except on the export endpoint, which answers in plain text as Teleport does.
 Messages never echo a token or a key; unexpected failures become a bare 500
 and their traceback goes to the server log only. Every join, renewal, issuance
-and CA fetch, allowed or not, is one line in the audit log (:mod:`.audit`).
+and CA fetch, allowed or not, is one line in the audit log (:mod:`.audit`), and
+so is every lock the service creates (``lock.created``).
 """
 
 from __future__ import annotations
@@ -36,10 +41,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import tbot_py
 from tbot_py.authservice import audit, ca, rbac
 from tbot_py.authservice.cluster import Cluster
-from tbot_py.authservice.errors import AccessDenied, AuthServiceError, BadParameter
+from tbot_py.authservice.errors import (
+    AccessDenied,
+    AuthServiceError,
+    BadParameter,
+    GenerationMismatch,
+)
 from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
 from tbot_py.authservice.roles import Role
-from tbot_py.authservice.storage import TOKEN_NOT_VALID, BotRecord, role_not_found
+from tbot_py.authservice.roles_store import role_not_found
+from tbot_py.authservice.storage import TOKEN_NOT_VALID, BotRecord
 from tbot_py.client import wire
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
@@ -218,7 +229,9 @@ class AuthAPI:
 
         A retry from the previous generation with the same new key gets the
         stored answer again (see ``Storage.renew_instance``), so a bot that
-        crashed before saving its renewed identity is not locked out.
+        crashed before saving its renewed identity is not locked out. Any other
+        stale or reused generation locks the instance and is audited as
+        ``lock.created``.
         """
         with self._audit("bot.renew", request) as fields:
             now = self.clock()
@@ -245,15 +258,19 @@ class AuthAPI:
 
             # Checked, issued and recorded in one transaction: a certificate
             # renews at most once, and only its exact retry gets that answer again.
-            answer = await asyncio.to_thread(
-                self.cluster.storage.renew_instance,
-                bot.name,
-                ident.bot_instance_id,
-                presented=ident.generation,
-                new_key_spki=keys.spki_der(public_key),
-                now=now,
-                issue=issue,
-            )
+            try:
+                answer = await asyncio.to_thread(
+                    self.cluster.storage.renew_instance,
+                    bot.name,
+                    ident.bot_instance_id,
+                    presented=ident.generation,
+                    new_key_spki=keys.spki_der(public_key),
+                    now=now,
+                    issue=issue,
+                )
+            except GenerationMismatch as exc:
+                self._audit_lock_created(exc, ident.bot_instance_id, request.remote)
+                raise
             if answer.retry:
                 log.info(
                     "bot.renew idempotent retry bot=%s instance=%s presented=%d: "
@@ -355,7 +372,7 @@ class AuthAPI:
         Otherwise it grants nothing: a bot created before roles existed keeps
         renewing its own identity while the admin creates them.
         """
-        found = await asyncio.to_thread(self.cluster.storage.get_roles, names)
+        found = await asyncio.to_thread(self.cluster.storage.roles.get_many, names)
         missing = [name for name in names if name not in found]
         if missing and required:
             raise AccessDenied(role_not_found(missing[0]))
@@ -368,17 +385,36 @@ class AuthAPI:
         return [found[name] for name in names if name in found]
 
     async def _known_instance(self, caller: BotCaller, now: datetime) -> BotRecord:
+        """The caller's bot, once its instance is known and neither is locked."""
         bot = await self._bot(caller)
-        instance_id = caller.identity.bot_instance_id
-        seen = await asyncio.to_thread(
-            self.cluster.storage.touch_instance, bot.name, instance_id, now
+        await asyncio.to_thread(
+            self.cluster.storage.admit_instance, bot.name, caller.identity.bot_instance_id, now
         )
-        if not seen:
-            raise AccessDenied(f"bot instance {bot.name}/{instance_id} not found")
         return bot
 
     def _audit(self, event: str, request: web.Request) -> AbstractContextManager[dict[str, Any]]:
         return audit.audited_call(self.audit_log, event, remote=request.remote)
+
+    def _audit_lock_created(
+        self, exc: GenerationMismatch, instance_id: str, remote: str | None
+    ) -> None:
+        lock = exc.lock
+        self.audit_log.record(
+            audit.AuditEvent(
+                time=lock.created_at,
+                event="lock.created",
+                success=True,
+                code=0,
+                actor=audit.bot_actor(lock.bot_name, instance_id),
+                remote_addr=remote,
+                resource=f"lock/{lock.id}",
+                details={
+                    **audit.lock_details(lock),
+                    "stored_generation": exc.stored,
+                    "presented_generation": exc.presented,
+                },
+            )
+        )
 
 
 def create_app(

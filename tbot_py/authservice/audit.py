@@ -1,7 +1,8 @@
 """The audit log: ``DIR/audit.log``, one JSON object per line, never a secret.
 
-Every join, renewal, issuance and CA fetch the server answers, and every
-change an admin command makes, is one event::
+Every join, renewal, issuance and CA fetch the server answers, every lock
+the server creates (``lock.created``) and every change an admin command
+makes is one event::
 
     {"time": "2025-01-02T03:04:05.678Z", "event": "bot.join", "success": true,
      "code": 200, "actor": {"bot": "ci", "instance": "9f0c..."},
@@ -42,6 +43,7 @@ from tbot_py.client.wire import WireError
 
 if TYPE_CHECKING:
     from tbot_py.authservice.cluster import Cluster
+    from tbot_py.authservice.locks import Lock
 
 log = logging.getLogger("tbot_py.authservice")
 
@@ -84,6 +86,19 @@ def bot_actor(bot: str, instance: str) -> dict[str, str]:
     return {"bot": bot, "instance": instance}
 
 
+def lock_details(lock: Lock) -> dict[str, str]:
+    """What lock events record about a lock: target, message, creator and any expiry."""
+    details = {
+        "target_kind": lock.target_kind,
+        "target": lock.target,
+        "message": lock.message,
+        "created_by": lock.created_by,
+    }
+    if lock.expires_at is not None:
+        details["expires"] = format_time(lock.expires_at)
+    return details
+
+
 def local_admin_actor() -> dict[str, str | int]:
     """The actor of an admin command run on the data directory: the OS user running it.
 
@@ -102,7 +117,9 @@ def local_admin_actor() -> dict[str, str | int]:
 class AuditEvent:
     """One audit record; see the module docstring for the JSON form.
 
-    ``code`` is the HTTP status, 0 for admin commands. ``actor`` is empty when
+    ``code`` is the HTTP status, 0 for admin commands and for locks the server
+    creates (``lock.created``, whose actor is the instance that caused it,
+    next to the refused ``bot.renew``). ``actor`` is empty when
     the caller was not identified (a refused join, a missing client
     certificate). ``remote_addr`` is absent for local admin commands and
     ``message`` is set for denials only.

@@ -7,6 +7,11 @@ a key, or an internal detail such as a file path inside the data directory.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tbot_py.authservice.locks import Lock
+
 
 class AuthServiceError(Exception):
     """Base class: a failure whose message is safe to show to the caller."""
@@ -29,6 +34,26 @@ class AccessDenied(AuthServiceError):
     """The caller is not allowed to do this: bad token, bad or stale certificate (HTTP 403)."""
 
     status = 403
+
+
+class Locked(AccessDenied):
+    """A lock is in force on the bot or the bot instance; ``lock`` is that lock (HTTP 403)."""
+
+    def __init__(self, message: str, *, lock: Lock) -> None:
+        super().__init__(message)
+        self.lock = lock
+
+
+class GenerationMismatch(Locked):
+    """A renewal presented the wrong generation, so ``lock`` was just created (HTTP 403).
+
+    ``stored`` is the instance's generation, ``presented`` the caller's.
+    """
+
+    def __init__(self, message: str, *, lock: Lock, stored: int, presented: int) -> None:
+        super().__init__(message, lock=lock)
+        self.stored = stored
+        self.presented = presented
 
 
 class NotFound(AuthServiceError):

@@ -1,4 +1,4 @@
-"""SQLite state of the auth service: roles, bots, hashed join tokens and bot instances.
+"""SQLite state of the auth service: bots, hashed join tokens and bot instances.
 
 The running server and the admin CLI open the same ``state.db`` at the same
 time, so every operation is one short transaction on its own connection:
@@ -7,16 +7,17 @@ for another instead of failing, and ``BEGIN IMMEDIATE`` takes the write lock
 up front so a read-then-write step cannot race another process.
 
 Join tokens are stored only as SHA-256 hex; the value itself never reaches
-the database. Times are stored as fixed-width UTC text, which sorts and
-compares correctly as a string and reads well in the ``sqlite3`` shell.
+the database. Times are stored as fixed-width UTC text (:mod:`._sql`).
 
 Each bot instance also keeps its last renewal (the generation it was renewed
 from, the SHA-256 of the new public key and the exact answer), so a bot that
 crashed before saving that answer can fetch it again: see ``renew_instance``.
 The answer holds only certificates, never a private key.
 
-Roles are stored as JSON. A bot may only reference roles that exist, and a role a
-bot uses cannot be deleted; both are checked in the transaction that changes them.
+This module owns the file and its schema. The roles table is reached through
+``Storage.roles`` (:mod:`.roles_store`) and the locks table through
+``Storage.locks`` (:mod:`.locks`); the renewal, join and instance checks here
+consult the locks in their own transaction.
 """
 
 from __future__ import annotations
@@ -29,25 +30,24 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
+from tbot_py.authservice import _sql, locks
 from tbot_py.authservice.errors import (
     AccessDenied,
     AlreadyExists,
     AuthServiceError,
     BadParameter,
+    GenerationMismatch,
     NotFound,
 )
-from tbot_py.authservice.roles import PRESET_ROLES, Role, role_from_data
-from tbot_py.errors import ConfigError
+from tbot_py.authservice.roles_store import RoleStore, require_roles, seed_preset_roles
 
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
 JOIN_METHOD_TOKEN = "token"  # noqa: S105 - a join method name, not a secret
-
-_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
 
 # One tuple of statements per schema version; executescript() would commit our transaction.
 _SCHEMA_V1 = (
@@ -90,15 +90,6 @@ _SCHEMA_V2 = (
 )
 
 
-def _seed_preset_roles(conn: sqlite3.Connection) -> None:
-    now = _ts(datetime.now(UTC))
-    for role in PRESET_ROLES:
-        conn.execute(
-            "INSERT INTO roles (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?)",
-            (role.name, role.model_dump_json(), now, now),
-        )
-
-
 # v3: role resources, seeded with the presets (access, editor, auditor). Bots created
 # before v3 may name roles that do not exist; they grant nothing until created.
 _SCHEMA_V3: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
@@ -108,22 +99,33 @@ _SCHEMA_V3: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
         created_at TEXT NOT NULL,
         updated_at TEXT NOT NULL
     )""",
-    _seed_preset_roles,
+    seed_preset_roles,
+)
+
+# v4: locks (see locks.py). A lock names its target by value, without a foreign key:
+# it outlives the bot or instance it locks. The index serves the check on every call.
+_SCHEMA_V4 = (
+    """CREATE TABLE locks (
+        id          TEXT PRIMARY KEY, -- uuid4
+        target_kind TEXT NOT NULL CHECK (target_kind IN ('bot', 'bot_instance')),
+        target      TEXT NOT NULL,    -- bot name, or <bot>/<instance id>
+        message     TEXT NOT NULL,
+        created_at  TEXT NOT NULL,
+        created_by  TEXT NOT NULL,    -- "auth" for automatic locks, else the local user
+        expires_at  TEXT              -- NULL: until removed
+    )""",
+    "CREATE INDEX locks_target ON locks(target_kind, target)",
 )
 
 _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
+    4: _SCHEMA_V4,
 }
 
 # Teleport's wording; deliberately the same for unknown, used and expired tokens.
 TOKEN_NOT_VALID = 'can not join the cluster with role "Bot", the token is not valid'  # noqa: S105
-
-
-def role_not_found(name: str) -> str:
-    """The error for a bot naming a role that does not exist."""
-    return f'role "{name}" not found; create it with tbot-py auth create -f role.yaml'
 
 
 class SchemaTooNew(AuthServiceError):
@@ -195,10 +197,12 @@ IssueRenewal = Callable[[int], tuple[str, datetime]]
 
 
 class Storage:
-    """The auth service's state in one SQLite file."""
+    """The auth service's state in one SQLite file; ``roles`` and ``locks`` are its tables."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.roles = RoleStore(self._transaction)
+        self.locks = locks.LockStore(self._transaction)
 
     @classmethod
     def open(cls, path: Path) -> Storage:
@@ -293,11 +297,16 @@ class Storage:
             try:
                 conn.execute(
                     "INSERT INTO bots (name, roles, logins, created_at) VALUES (?, ?, ?, ?)",
-                    (bot.name, json.dumps(bot.roles), json.dumps(bot.logins), _ts(bot.created_at)),
+                    (
+                        bot.name,
+                        json.dumps(bot.roles),
+                        json.dumps(bot.logins),
+                        _sql.ts(bot.created_at),
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f'bot "{bot.name}" already exists') from None
-            _require_roles(conn, bot.roles)
+            require_roles(conn, bot.roles)
             if token_hash is not None and token_expires is not None:
                 _insert_token(conn, token_hash, bot.name, token_expires, bot.created_at)
 
@@ -328,7 +337,7 @@ class Storage:
             bot = _get_bot(conn, name)
             if bot is None:
                 raise NotFound(f'bot "{name}" not found')
-            _require_roles(conn, add)
+            require_roles(conn, add)
             for role in remove:
                 if role not in bot.roles:
                     raise BadParameter(f'bot "{name}" does not have role "{role}"')
@@ -354,7 +363,7 @@ class Storage:
             if _get_bot(conn, bot_name) is None:
                 raise NotFound(f'bot "{bot_name}" not found')
             # Expired tokens are useless; drop them while we hold the write lock anyway.
-            conn.execute("DELETE FROM join_tokens WHERE expires_at <= ?", (_ts(now),))
+            conn.execute("DELETE FROM join_tokens WHERE expires_at <= ?", (_sql.ts(now),))
             _insert_token(conn, token_hash, bot_name, expires, now)
 
     def list_tokens(self) -> list[TokenRecord]:
@@ -400,7 +409,8 @@ class Storage:
 
         Both happen in one transaction, so two joins with one token cannot both
         succeed. Raises AccessDenied when the token is unknown, used, expired,
-        or its bot is gone.
+        or its bot is gone, and Locked when a lock is in force on its bot; the
+        token of a locked bot stays unused.
         """
         with self._transaction(write=True) as conn:
             row = conn.execute(
@@ -409,13 +419,15 @@ class Storage:
                 (token_hash, JOIN_METHOD_TOKEN),
             ).fetchone()
             bot = None
-            if row is not None and _dt(row[1]) > now:
+            if row is not None and _sql.dt(row[1]) > now:
                 bot = _get_bot(conn, str(row[0]))
             if bot is not None:
+                # Raising rolls the DELETE back: the token is not spent on a locked bot.
+                locks.refuse_if_locked(conn, bot.name, None, now)
                 conn.execute(
                     "INSERT INTO bot_instances (id, bot_name, generation, created_at, "
                     "last_seen_at) VALUES (?, ?, 1, ?, ?)",
-                    (instance_id, bot.name, _ts(now), _ts(now)),
+                    (instance_id, bot.name, _sql.ts(now), _sql.ts(now)),
                 )
         # Raised after COMMIT: an expired token found here stays deleted.
         if bot is None:
@@ -465,14 +477,17 @@ class Storage:
         was from ``presented`` for the same key and its answer has not expired
         at ``now``, this is a retry by a bot that lost that answer: the stored
         answer comes back, nothing is issued and the generation stays. Anything
-        else is a generation mismatch.
+        else is a generation mismatch: two holders of one identity. It locks
+        the instance (see :mod:`.locks`) and is refused.
 
         Checked and written in one transaction, so concurrent renewals from one
-        generation advance it once. Raises AccessDenied when the instance is
-        unknown or on a mismatch.
+        generation advance it once. Raises Locked when a lock is in force on
+        the instance or its bot, AccessDenied when the instance is unknown and
+        GenerationMismatch, after committing the new lock, on a mismatch.
         """
         key_sha256 = hashlib.sha256(new_key_spki).hexdigest()
         with self._transaction(write=True) as conn:
+            locks.refuse_if_locked(conn, bot_name, instance_id, now)
             row = conn.execute(
                 "SELECT generation, renewed_from, renewal_key_sha256, renewal_answer, "
                 "renewal_expires_at FROM bot_instances WHERE id = ? AND bot_name = ?",
@@ -491,11 +506,11 @@ class Storage:
                     "renewal_expires_at = ? WHERE id = ? AND bot_name = ?",
                     (
                         generation,
-                        _ts(now),
+                        _sql.ts(now),
                         presented,
                         key_sha256,
                         body,
-                        _ts(expires),
+                        _sql.ts(expires),
                         instance_id,
                         bot_name,
                     ),
@@ -508,119 +523,38 @@ class Storage:
                 and hmac.compare_digest(renewal_key, key_sha256)
                 and renewal_answer is not None
                 and renewal_expires is not None
-                and _dt(renewal_expires) > now
+                and _sql.dt(renewal_expires) > now
             ):
                 conn.execute(
                     "UPDATE bot_instances SET last_seen_at = ? WHERE id = ? AND bot_name = ?",
-                    (_ts(now), instance_id, bot_name),
+                    (_sql.ts(now), instance_id, bot_name),
                 )
                 return RenewalAnswer(
                     generation=stored,
                     body=str(renewal_answer),
-                    expires=_dt(renewal_expires),
+                    expires=_sql.dt(renewal_expires),
                     retry=True,
                 )
-            raise AccessDenied(
-                f"cert generation mismatch for bot {bot_name}/{instance_id}: "
-                f"stored={stored}, presented={presented}"
+            lock = locks.lock_mismatched_instance(
+                conn, bot_name, instance_id, stored=stored, presented=presented, now=now
             )
+        # Raised after COMMIT: the lock stands although the renewal is refused.
+        raise GenerationMismatch(lock.denial(), lock=lock, stored=stored, presented=presented)
 
-    def touch_instance(self, bot_name: str, instance_id: str, now: datetime) -> bool:
-        """Record that the instance was seen; False when it does not exist."""
+    def admit_instance(self, bot_name: str, instance_id: str, now: datetime) -> None:
+        """Record that the instance was seen, if it may be served.
+
+        Raises Locked when a lock is in force on the instance or its bot, and
+        AccessDenied when the instance does not exist.
+        """
         with self._transaction(write=True) as conn:
+            locks.refuse_if_locked(conn, bot_name, instance_id, now)
             updated = conn.execute(
                 "UPDATE bot_instances SET last_seen_at = ? WHERE id = ? AND bot_name = ?",
-                (_ts(now), instance_id, bot_name),
+                (_sql.ts(now), instance_id, bot_name),
             ).rowcount
-        return updated == 1
-
-    # -- roles ------------------------------------------------------------------------
-
-    def put_role(self, role: Role, now: datetime, *, overwrite: bool = False) -> bool:
-        """Store ``role``; True when it replaced one of the same name.
-
-        Raises AlreadyExists when the role exists and ``overwrite`` is False.
-        """
-        with self._transaction(write=True) as conn:
-            exists = (
-                conn.execute("SELECT 1 FROM roles WHERE name = ?", (role.name,)).fetchone()
-                is not None
-            )
-            if exists and not overwrite:
-                raise AlreadyExists(f'role "{role.name}" already exists')
-            conn.execute(
-                "INSERT INTO roles (name, definition, created_at, updated_at) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET definition = excluded.definition, "
-                "updated_at = excluded.updated_at",
-                (role.name, role.model_dump_json(), _ts(now), _ts(now)),
-            )
-        return exists
-
-    def get_role(self, name: str) -> Role | None:
-        """The role called ``name``, or None."""
-        return self.get_roles((name,)).get(name)
-
-    def get_roles(self, names: tuple[str, ...]) -> dict[str, Role]:
-        """The roles among ``names`` that exist, by name."""
-        with self._transaction() as conn:
-            rows = conn.execute(
-                f"SELECT name, definition FROM roles WHERE name IN ({_placeholders(names)})",  # noqa: S608
-                names,
-            ).fetchall()
-        return {str(name): _role_from_json(str(name), str(text)) for name, text in rows}
-
-    def list_roles(self) -> list[Role]:
-        """Every role, by name."""
-        with self._transaction() as conn:
-            rows = conn.execute("SELECT name, definition FROM roles ORDER BY name").fetchall()
-        return [_role_from_json(str(name), str(text)) for name, text in rows]
-
-    def delete_role(self, name: str) -> None:
-        """Delete role ``name``.
-
-        Raises NotFound when there is none and BadParameter when a bot still uses it.
-        """
-        with self._transaction(write=True) as conn:
-            users = [
-                str(bot)
-                for bot, roles in conn.execute("SELECT name, roles FROM bots ORDER BY name")
-                if name in json.loads(str(roles))
-            ]
-            if users:
-                raise BadParameter(
-                    f'role "{name}" is still used by bot{"s" if len(users) > 1 else ""} '
-                    f"{', '.join(users)}; first take it away with "
-                    f"tbot-py auth bots update BOT --remove-roles {name}"
-                )
-            if conn.execute("DELETE FROM roles WHERE name = ?", (name,)).rowcount != 1:
-                raise NotFound(f'role "{name}" not found')
-
-
-def _require_roles(conn: sqlite3.Connection, names: tuple[str, ...]) -> None:
-    """Raise NotFound for the first of ``names`` that is not a stored role."""
-    rows = conn.execute(
-        f"SELECT name FROM roles WHERE name IN ({_placeholders(names)})",  # noqa: S608
-        names,
-    ).fetchall()
-    found = {str(row[0]) for row in rows}
-    for name in names:
-        if name not in found:
-            raise NotFound(role_not_found(name))
-
-
-def _placeholders(values: tuple[object, ...]) -> str:
-    return ", ".join("?" * len(values))
-
-
-def _role_from_json(name: str, text: str) -> Role:
-    try:
-        return role_from_data(json.loads(text))
-    except (ValueError, ConfigError):
-        pass
-    # Not chained: the error would quote the stored definition.
-    raise AuthServiceError(
-        f'stored role "{name}" is damaged; replace it with tbot-py auth create -f role.yaml --force'
-    )
+        if updated != 1:
+            raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
 
 
 def _insert_token(
@@ -630,7 +564,7 @@ def _insert_token(
         conn.execute(
             "INSERT INTO join_tokens (token_hash, bot_name, join_method, expires_at, created_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (token_hash, bot_name, JOIN_METHOD_TOKEN, _ts(expires), _ts(now)),
+            (token_hash, bot_name, JOIN_METHOD_TOKEN, _sql.ts(expires), _sql.ts(now)),
         )
     except sqlite3.IntegrityError:
         # Only a hash collision of two random tokens could get here.
@@ -650,7 +584,7 @@ def _bot_from_row(row: tuple[object, ...]) -> BotRecord:
         name=str(name),
         roles=tuple(json.loads(str(roles))),
         logins=tuple(json.loads(str(logins))),
-        created_at=_dt(created_at),
+        created_at=_sql.dt(created_at),
     )
 
 
@@ -660,8 +594,8 @@ def _instance_from_row(row: tuple[object, ...]) -> BotInstanceRecord:
         id=str(instance_id),
         bot_name=str(bot_name),
         generation=int(str(generation)),
-        created_at=_dt(created_at),
-        last_seen_at=_dt(last_seen_at),
+        created_at=_sql.dt(created_at),
+        last_seen_at=_sql.dt(last_seen_at),
     )
 
 
@@ -671,14 +605,6 @@ def _token_from_row(row: tuple[object, ...]) -> TokenRecord:
         token_hash=str(token_hash),
         bot_name=str(bot_name),
         join_method=str(join_method),
-        expires_at=_dt(expires_at),
-        created_at=_dt(created_at),
+        expires_at=_sql.dt(expires_at),
+        created_at=_sql.dt(created_at),
     )
-
-
-def _ts(t: datetime) -> str:
-    return t.astimezone(UTC).strftime(_TIME_FORMAT)
-
-
-def _dt(value: object) -> datetime:
-    return datetime.strptime(str(value), _TIME_FORMAT).replace(tzinfo=UTC)

@@ -36,7 +36,7 @@ _STATUS_ERRORS: dict[int, type[ClientError]] = {
     404: NotFound,
     429: LimitExceeded,
 }
-_MAX_MESSAGE = 300
+_MAX_MESSAGE = 512
 DEFAULT_PORT = 443
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -37,6 +38,23 @@ class Issued:
     @property
     def identity(self) -> TLSIdentity:
         return TLSIdentity.from_subject(self.cert.subject)
+
+
+def lock_id_in(message: str) -> str:
+    """The id of the lock a 403 message names."""
+    found = re.search(r"\(lock ([0-9a-f-]{36})\)", message)
+    assert found is not None, message
+    return found.group(1)
+
+
+def theft_denial(message: str, *, bot: str, instance: str, stored: int, presented: int) -> str:
+    """The 403 of an instance locked on a generation mismatch; the lock id is from ``message``."""
+    lock = lock_id_in(message)
+    return (
+        f"bot instance {bot}/{instance} is locked: certificate generation mismatch "
+        f"(stored={stored}, presented={presented}): possible stolen credentials (lock {lock}); "
+        f"give the bot a new token with tbot-py auth bots instances add {bot} and keep the lock"
+    )
 
 
 def public_keys(key: keys.PrivateKey) -> wire.PublicKeys:
@@ -86,9 +104,14 @@ class AuthClient:
         return self.save(key, wire.Certs.from_json(resp.json()))
 
     def renew(
-        self, identity: Issued, *, expires: datetime | None = None
+        self,
+        identity: Issued,
+        *,
+        expires: datetime | None = None,
+        key: keys.PrivateKey | None = None,
     ) -> tuple[httpx.Response, keys.PrivateKey]:
-        key = keys.generate_private_key()
+        """Renew as ``identity`` for ``key`` (a new one by default)."""
+        key = key or keys.generate_private_key()
         req = wire.RenewRequest(keys=public_keys(key), expires=expires)
         resp = self.request("POST", wire.PATH_RENEW, identity=identity, json=req.to_json())
         return resp, key
@@ -129,3 +152,24 @@ def bot_token(client: AuthClient) -> str:
 @pytest.fixture
 def joined(client: AuthClient, bot_token: str) -> Issued:
     return client.join(bot_token)
+
+
+class ShiftedClock:
+    """The server's clock: real time plus an offset the test moves forward."""
+
+    def __init__(self) -> None:
+        self.offset = timedelta(0)
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+@pytest.fixture
+def clock() -> ShiftedClock:
+    return ShiftedClock()
+
+
+@pytest.fixture
+def clocked_client(tmp_path: Path, clock: ShiftedClock) -> Iterator[AuthClient]:
+    with start_in_thread(tmp_path / "auth-clocked", clock=clock) as running:
+        yield AuthClient(running, tmp_path)

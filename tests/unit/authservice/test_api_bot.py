@@ -16,7 +16,7 @@ from tbot_py.client import wire
 from tbot_py.identity import keys
 from tbot_py.identity.tlsid import TLSIdentity
 
-from .conftest import AuthClient, Issued
+from .conftest import AuthClient, Issued, theft_denial
 
 
 def _identity_of(certs: wire.Certs) -> TLSIdentity:
@@ -46,16 +46,15 @@ def test_renew_increments_generation_and_keeps_the_instance(
     assert stored is not None and stored.generation == 3
 
 
-def test_renew_with_a_stale_generation_is_refused_with_a_mismatch(
+def test_renew_with_a_stale_generation_is_refused_and_locks_the_instance(
     client: AuthClient, joined: Issued
 ) -> None:
     client.renewed(joined)
     resp, _ = client.renew(joined)
     assert resp.status_code == 403
+    message = wire.error_message(resp.json()) or ""
     instance = joined.identity.bot_instance_id
-    assert wire.error_message(resp.json()) == (
-        f"cert generation mismatch for bot ci/{instance}: stored=2, presented=1"
-    )
+    assert message == theft_denial(message, bot="ci", instance=instance, stored=2, presented=1)
 
 
 def test_renew_with_an_impersonated_cert_is_refused(client: AuthClient, joined: Issued) -> None:

@@ -29,7 +29,7 @@ def _join_bot(
     expires: datetime | None = None,
 ) -> Issued:
     for role in (WEB, NO_ROOT, ONE_HOUR):
-        if client.cluster.storage.get_role(role.name) is None:
+        if client.cluster.storage.roles.get(role.name) is None:
             admin.create_role(client.cluster, role)
     created = admin.add_bot(client.cluster, "rbac", roles=roles, logins=logins)
     return client.join(created.token.token, expires=expires)

@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
 
 from tbot_py.authservice import admin
-from tbot_py.authservice.server import start_in_thread
 from tbot_py.client import wire
 from tbot_py.identity import keys
 
-from .conftest import AuthClient, Issued, public_keys
+from .conftest import AuthClient, Issued, ShiftedClock, public_keys, theft_denial
 
 
 def _renew_with(
@@ -33,9 +30,13 @@ def _stored_generation(client: AuthClient, identity: Issued) -> int:
     return instance.generation
 
 
-def _mismatch(identity: Issued, stored: int, presented: int) -> str:
+def _assert_theft_lock(resp: httpx.Response, identity: Issued, stored: int, presented: int) -> None:
+    assert resp.status_code == 403
+    message = wire.error_message(resp.json()) or ""
     instance = identity.identity.bot_instance_id
-    return f"cert generation mismatch for bot ci/{instance}: stored={stored}, presented={presented}"
+    assert message == theft_denial(
+        message, bot="ci", instance=instance, stored=stored, presented=presented
+    )
 
 
 def test_retry_with_the_same_generation_and_key_gets_the_identical_answer(
@@ -68,7 +69,7 @@ def test_the_retried_answer_renews_normally_afterwards(client: AuthClient, joine
     assert _stored_generation(client, joined) == 3
 
 
-def test_same_generation_with_a_different_key_is_refused_as_theft(
+def test_same_generation_with_a_different_key_is_refused_as_theft_and_locks_the_instance(
     client: AuthClient, joined: Issued
 ) -> None:
     key = keys.generate_private_key()
@@ -76,11 +77,12 @@ def test_same_generation_with_a_different_key_is_refused_as_theft(
     assert first.status_code == 200
     # A second holder of the generation-1 certificate, asking for its own key.
     stolen = _renew_with(client, joined, keys.generate_private_key())
-    assert stolen.status_code == 403
-    assert wire.error_message(stolen.json()) == _mismatch(joined, stored=2, presented=1)
+    _assert_theft_lock(stolen, joined, stored=2, presented=1)
     assert _stored_generation(client, joined) == 2
-    # The refusal changes nothing for the real holder.
-    assert _renew_with(client, joined, key).content == first.content
+    # Which holder is the thief is unknown: the real one is locked out too, even its retry.
+    retry = _renew_with(client, joined, key)
+    assert retry.status_code == 403
+    assert retry.json() == stolen.json()
 
 
 def test_concurrent_retries_all_get_the_one_answer(client: AuthClient, joined: Issued) -> None:
@@ -111,31 +113,9 @@ def test_renewals_from_n_are_refused_once_the_bot_is_at_n_plus_2(
     renewed = client.save(key, wire.Certs.from_json(first.json()))
     client.renewed(renewed)
     for retry_key in (key, keys.generate_private_key()):
-        resp = _renew_with(client, joined, retry_key)
-        assert resp.status_code == 403
-        assert wire.error_message(resp.json()) == _mismatch(joined, stored=3, presented=1)
+        # The first locks the instance; the second is refused by that lock, same message.
+        _assert_theft_lock(_renew_with(client, joined, retry_key), joined, stored=3, presented=1)
     assert _stored_generation(client, joined) == 3
-
-
-class ShiftedClock:
-    """The server's clock: real time plus an offset the test moves forward."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta(0)
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-
-@pytest.fixture
-def clock() -> ShiftedClock:
-    return ShiftedClock()
-
-
-@pytest.fixture
-def clocked_client(tmp_path: Path, clock: ShiftedClock) -> Iterator[AuthClient]:
-    with start_in_thread(tmp_path / "auth-clocked", clock=clock) as running:
-        yield AuthClient(running, tmp_path)
 
 
 def test_retry_after_the_stored_answer_expired_is_refused(
@@ -154,7 +134,5 @@ def test_retry_after_the_stored_answer_expired_is_refused(
     # The generation-1 certificate is still valid; the answer it would get is not.
     clock.offset = timedelta(minutes=11)
     assert joined.cert.not_valid_after_utc > clock()
-    resp = _renew_with(client, joined, key)
-    assert resp.status_code == 403
-    assert wire.error_message(resp.json()) == _mismatch(joined, stored=2, presented=1)
+    _assert_theft_lock(_renew_with(client, joined, key), joined, stored=2, presented=1)
     assert _stored_generation(client, joined) == 2

@@ -65,7 +65,7 @@ def test_create_stores_a_role_and_refuses_to_replace_it_without_force(tmp_path: 
     assert ok("create", "-f", role_file, "--force", "--data-dir", data_dir) == (
         'role "mcp-readonly" has been updated\n'
     )
-    stored = open_cluster(data_dir).storage.get_role("mcp-readonly")
+    stored = open_cluster(data_dir).storage.roles.get("mcp-readonly")
     assert stored is not None and stored.max_session_ttl.total_seconds() == 2 * 3600
 
 
@@ -152,7 +152,7 @@ def test_rm_deletes_an_unused_role_and_refuses_one_a_bot_uses(tmp_path: Path) ->
     assert ok("rm", "role/mcp-readonly", "--data-dir", tmp_path) == (
         'role "mcp-readonly" has been deleted\n'
     )
-    assert open_cluster(tmp_path).storage.get_role("mcp-readonly") is None
+    assert open_cluster(tmp_path).storage.roles.get("mcp-readonly") is None
 
 
 # -- bots -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import stat
 import threading
@@ -11,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from tbot_py.authservice.errors import AccessDenied, AlreadyExists, BadParameter, NotFound
+from tbot_py.authservice.errors import (
+    AccessDenied,
+    AlreadyExists,
+    BadParameter,
+    GenerationMismatch,
+    Locked,
+    NotFound,
+)
 from tbot_py.authservice.roles import (
     LOGINS_TRAIT,
     PRESET_ROLES,
@@ -27,6 +35,8 @@ from tbot_py.authservice.storage import (
     Storage,
 )
 from tbot_py.identity import keys
+
+from .conftest import theft_denial
 
 NOW = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -166,9 +176,15 @@ def _renew(
 
 
 def _mismatch(storage: Storage, presented: int, key: bytes = KEY_A, **kw: Any) -> str:
-    with pytest.raises(AccessDenied) as err:
+    """Renew expecting a mismatch; the instance is locked, and the message is returned."""
+    with pytest.raises(GenerationMismatch) as err:
         _renew(storage, presented, key, **kw)
+    assert err.value.presented == presented
     return err.value.message
+
+
+def _theft(message: str, stored: int, presented: int, instance: str = "i-1") -> str:
+    return theft_denial(message, bot="ci", instance=instance, stored=stored, presented=presented)
 
 
 @pytest.fixture
@@ -200,33 +216,39 @@ def test_retry_with_the_same_generation_and_key_returns_the_stored_answer(
     assert instance is not None and (instance.generation, instance.last_seen_at) == (2, later)
 
 
-def test_same_generation_with_another_key_is_a_mismatch(one_instance: Storage) -> None:
+def test_same_generation_with_another_key_is_a_mismatch_that_locks_the_instance(
+    one_instance: Storage,
+) -> None:
     _renew(one_instance, 1, KEY_A)
-    assert _mismatch(one_instance, 1, KEY_B) == (
-        "cert generation mismatch for bot ci/i-1: stored=2, presented=1"
-    )
-    # The refused attempt changes nothing: the real holder can still retry.
-    assert _renew(one_instance, 1, KEY_A).retry
+    message = _mismatch(one_instance, 1, KEY_B)
+    assert message == _theft(message, stored=2, presented=1)
+    [lock] = one_instance.locks.list_all()
+    assert (lock.target_kind, lock.target, lock.created_by) == ("bot_instance", "ci/i-1", "auth")
+    # Either holder may be the thief: the real holder's retry is refused by the lock.
+    with pytest.raises(Locked) as err:
+        _renew(one_instance, 1, KEY_A)
+    assert err.value.message == message
+    instance = one_instance.get_instance("ci", "i-1")
+    assert instance is not None and instance.generation == 2
 
 
 def test_retry_after_the_stored_answer_expired_is_a_mismatch(one_instance: Storage) -> None:
     first = _renew(one_instance, 1)
     assert _renew(one_instance, 1, now=first.expires - timedelta(seconds=1)).retry
-    assert _mismatch(one_instance, 1, now=first.expires) == (
-        "cert generation mismatch for bot ci/i-1: stored=2, presented=1"
-    )
+    message = _mismatch(one_instance, 1, now=first.expires)
+    assert message == _theft(message, stored=2, presented=1)
 
 
 def test_generation_older_than_the_last_renewal_is_a_mismatch(one_instance: Storage) -> None:
     _renew(one_instance, 1, KEY_A)
     _renew(one_instance, 2, KEY_B)
-    for key in (KEY_A, KEY_B):
-        assert _mismatch(one_instance, 1, key).endswith("stored=3, presented=1")
-    assert _renew(one_instance, 2, KEY_B).retry  # only the latest renewal can be retried
+    message = _mismatch(one_instance, 1, KEY_A)  # only the latest renewal can be retried
+    assert message == _theft(message, stored=3, presented=1)
 
 
 def test_generation_ahead_of_the_stored_one_is_a_mismatch(one_instance: Storage) -> None:
-    assert _mismatch(one_instance, 2).endswith("stored=1, presented=2")
+    message = _mismatch(one_instance, 2)
+    assert message == _theft(message, stored=1, presented=2)
 
 
 def test_renewing_an_unknown_instance_is_denied(storage: Storage) -> None:
@@ -283,6 +305,8 @@ def test_concurrent_renewals_with_different_keys_admit_exactly_one(one_instance:
     for t in threads:
         t.join()
     assert sorted(results) == ["denied"] * 7 + ["ok"]
+    # The first loser locked the instance; the others were refused by that one lock.
+    assert len(one_instance.locks.list_all()) == 1
 
 
 # -- schema migrations ----------------------------------------------------------------
@@ -337,10 +361,10 @@ def _make_v1_database(path: Path) -> None:
         conn.close()
 
 
-def _columns(path: Path) -> list[tuple[str, str]]:
+def _columns(path: Path, table: str = "bot_instances") -> list[tuple[str, str]]:
     conn = sqlite3.connect(path)
     try:
-        rows = conn.execute("PRAGMA table_info(bot_instances)").fetchall()
+        rows = conn.execute(f"PRAGMA table_info({table})").fetchall()
     finally:
         conn.close()
     return [(str(r[1]), str(r[2])) for r in rows]
@@ -352,7 +376,7 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert "renewal_answer" not in dict(_columns(path))
 
     store = Storage.open(path)
-    assert store.schema_version() == SCHEMA_VERSION == 3
+    assert store.schema_version() == SCHEMA_VERSION == 4
     fresh = tmp_path / "fresh.db"
     Storage.open(fresh)
     assert _columns(path) == _columns(fresh)
@@ -366,14 +390,14 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     old = store.get_instance("ci", "i-2")
     assert old is not None and (old.generation, old.last_seen_at) == (2, NOW)
     # An instance renewed under v1 has no stored answer: the lost renewal stays lost.
-    assert _mismatch(store, 1, instance="i-2").endswith("stored=2, presented=1")
-    assert _renew(store, 2, instance="i-2").generation == 3
+    message = _mismatch(store, 1, instance="i-2")
+    assert message == _theft(message, stored=2, presented=1, instance="i-2")
     # Renewals after the migration are recorded and can be retried.
     first = _renew(store, 1, instance="i-1")
     assert _renew(store, 1, instance="i-1") == RenewalAnswer(
         generation=2, body=first.body, expires=first.expires, retry=True
     )
-    assert Storage.open(path).schema_version() == 3  # reopening is a no-op
+    assert Storage.open(path).schema_version() == 4  # reopening is a no-op
 
 
 # v2 as tbot-py created it: v1 plus the renewal columns, frozen here.
@@ -395,7 +419,7 @@ def _role_names(path: Path) -> list[str]:
         conn.close()
 
 
-def test_version_2_database_is_migrated_to_3_with_the_preset_roles(tmp_path: Path) -> None:
+def test_version_2_database_is_migrated_with_the_preset_roles(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     conn = sqlite3.connect(path)
     try:
@@ -410,29 +434,101 @@ def test_version_2_database_is_migrated_to_3_with_the_preset_roles(tmp_path: Pat
         conn.close()
 
     store = Storage.open(path)
-    assert store.schema_version() == 3
-    assert [role.name for role in store.list_roles()] == ["access", "auditor", "editor"]
-    access = store.get_role("access")
+    assert store.schema_version() == 4
+    assert [role.name for role in store.roles.list_all()] == ["access", "auditor", "editor"]
+    access = store.roles.get("access")
     assert access is not None
     assert access.spec.allow.logins == (LOGINS_TRAIT,)
     assert access.spec.allow.app_labels == {"*": "*"}
     assert access.spec.allow.mcp == MCPRule(tools=("*",))
     assert access.max_session_ttl == timedelta(hours=30)
-    editor = store.get_role("editor")
+    editor = store.roles.get("editor")
     assert editor is not None
     assert editor.spec.allow == RoleConditions(app_labels={"*": "*"})
-    auditor = store.get_role("auditor")
+    auditor = store.roles.get("auditor")
     assert auditor is not None and auditor.spec.allow == RoleConditions()
-    assert store.list_roles() == sorted(PRESET_ROLES, key=lambda r: r.name)
+    assert store.roles.list_all() == sorted(PRESET_ROLES, key=lambda r: r.name)
     bot = store.get_bot("ci")
     assert bot is not None and bot.roles == ("access", "dev")  # kept; "dev" grants nothing
     Storage.open(path)  # reopening seeds nothing twice
     assert _role_names(path) == ["access", "auditor", "editor"]
 
 
+# v3 as tbot-py created it: v2 plus the roles table, frozen here.
+SCHEMA_V3_SQL = (
+    SCHEMA_V2_SQL.replace("PRAGMA user_version = 2;", "")
+    + """
+CREATE TABLE roles (
+    name       TEXT PRIMARY KEY,
+    definition TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+PRAGMA user_version = 3;
+"""
+)
+
+
+def _indexes(path: Path, table: str) -> list[str]:
+    conn = sqlite3.connect(path)
+    try:
+        return [str(r[1]) for r in conn.execute(f"PRAGMA index_list({table})")]
+    finally:
+        conn.close()
+
+
+def test_version_3_database_is_migrated_to_4_with_no_locks_and_keeps_its_renewals(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    answer_expires = NOW + timedelta(hours=1)
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript(SCHEMA_V3_SQL)
+        with conn:
+            conn.execute(
+                "INSERT INTO roles VALUES ('access', ?, ?, ?)",
+                (PRESET_ROLES[0].model_dump_json(), V1_TIME, V1_TIME),
+            )
+            conn.execute(
+                "INSERT INTO bots VALUES ('ci', '[\"access\"]', '[\"root\"]', ?)", (V1_TIME,)
+            )
+            # Renewed from 1 to 2 under v3, its answer stored for a retry.
+            conn.execute(
+                "INSERT INTO bot_instances VALUES ('i-1', 'ci', 2, ?, ?, 1, ?, ?, ?)",
+                (
+                    V1_TIME,
+                    V1_TIME,
+                    hashlib.sha256(KEY_A).hexdigest(),
+                    '{"generation": 2}',
+                    answer_expires.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                ),
+            )
+    finally:
+        conn.close()
+
+    store = Storage.open(path)
+    assert store.schema_version() == SCHEMA_VERSION == 4
+    fresh = tmp_path / "fresh.db"
+    Storage.open(fresh)
+    assert _columns(path, "locks") == _columns(fresh, "locks") != []
+    assert _indexes(path, "locks") == _indexes(fresh, "locks")
+    assert "locks_target" in _indexes(path, "locks")
+    assert store.locks.list_all() == []
+    assert store.roles.get("access") == PRESET_ROLES[0]
+    # The retry rule carries over, and a mismatch now locks the instance.
+    assert _renew(store, 1) == RenewalAnswer(
+        generation=2, body='{"generation": 2}', expires=answer_expires, retry=True
+    )
+    message = _mismatch(store, 1, KEY_B)
+    assert message == _theft(message, stored=2, presented=1)
+    Storage.open(path)  # reopening is a no-op
+    assert len(store.locks.list_all()) == 1
+
+
 def test_new_database_has_the_preset_roles(tmp_path: Path) -> None:
     store = Storage.open(tmp_path / "state.db")
-    assert store.list_roles() == sorted(PRESET_ROLES, key=lambda r: r.name)
+    assert store.roles.list_all() == sorted(PRESET_ROLES, key=lambda r: r.name)
 
 
 def test_roles_are_created_replaced_only_with_overwrite_read_and_deleted(
@@ -440,29 +536,29 @@ def test_roles_are_created_replaced_only_with_overwrite_read_and_deleted(
 ) -> None:
     first = new_role("dev", allow=RoleConditions(logins=("ubuntu",)))
     second = new_role("dev", max_session_ttl=timedelta(hours=1))
-    assert storage.put_role(first, NOW) is False
+    assert storage.roles.put(first, NOW) is False
     with pytest.raises(AlreadyExists, match='role "dev" already exists'):
-        storage.put_role(second, NOW)
-    assert storage.get_role("dev") == first
-    assert storage.put_role(second, NOW, overwrite=True) is True
-    assert Storage.open(storage.path).get_role("dev") == second
-    assert storage.get_roles(("dev", "nope", "access"))["dev"] == second
-    assert set(storage.get_roles(("dev", "nope", "access"))) == {"dev", "access"}
-    storage.delete_role("dev")
-    assert storage.get_role("dev") is None
+        storage.roles.put(second, NOW)
+    assert storage.roles.get("dev") == first
+    assert storage.roles.put(second, NOW, overwrite=True) is True
+    assert Storage.open(storage.path).roles.get("dev") == second
+    assert storage.roles.get_many(("dev", "nope", "access"))["dev"] == second
+    assert set(storage.roles.get_many(("dev", "nope", "access"))) == {"dev", "access"}
+    storage.roles.delete("dev")
+    assert storage.roles.get("dev") is None
     with pytest.raises(NotFound, match='role "dev" not found'):
-        storage.delete_role("dev")
+        storage.roles.delete("dev")
 
 
 def test_a_role_in_use_cannot_be_deleted_and_the_error_names_the_bots(storage: Storage) -> None:
-    storage.put_role(new_role("dev"), NOW)
+    storage.roles.put(new_role("dev"), NOW)
     for name in ("b2", "b1"):
         storage.add_bot(BotRecord(name=name, roles=("dev",), logins=(), created_at=NOW))
     with pytest.raises(BadParameter) as err:
-        storage.delete_role("dev")
+        storage.roles.delete("dev")
     assert err.value.message.startswith('role "dev" is still used by bots b1, b2; ')
     assert "--remove-roles dev" in err.value.message
-    assert storage.get_role("dev") is not None
+    assert storage.roles.get("dev") is not None
 
 
 def test_a_bot_naming_an_unknown_role_is_refused_and_not_created(storage: Storage) -> None:
@@ -480,7 +576,7 @@ def test_a_bot_naming_an_unknown_role_is_refused_and_not_created(storage: Storag
 
 
 def test_bot_roles_are_updated_and_a_bot_keeps_at_least_one(storage: Storage) -> None:
-    storage.put_role(new_role("dev"), NOW)
+    storage.roles.put(new_role("dev"), NOW)
     bot = storage.update_bot_roles("ci", add=("dev", "access"), remove=())
     assert bot.roles == ("access", "dev")
     bot = storage.update_bot_roles("ci", remove=("access",))
@@ -544,7 +640,7 @@ def test_removing_a_bot_removes_its_tokens_and_instances(storage: Storage) -> No
 
 
 def test_list_bots_counts_instances(storage: Storage) -> None:
-    storage.put_role(new_role("r"), NOW)
+    storage.roles.put(new_role("r"), NOW)
     storage.add_bot(BotRecord(name="a-bot", roles=("r",), logins=(), created_at=NOW))
     storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
     summaries = storage.list_bots()
