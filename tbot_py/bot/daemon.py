@@ -340,6 +340,13 @@ class Daemon:
         self._book(task.name, when)
         if task.name == BOT_TASK and first:
             self._start_first_outputs()
+        elif task.name == BOT_TASK:
+            # A fresh bot identity (after an outage, a re-join with a new token, a removed
+            # lock) may be what failing outputs were missing: retry them now, not after
+            # their backoff or their slow fatal retry.
+            for output in self._tasks.values():
+                if output.name != BOT_TASK and output.backoff.failures:
+                    self._schedule(output.name, now)
         self._maybe_ready()
 
     def _on_failure(self, task: Task, exc: BaseException, duration: float) -> None:

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import pytest
 
+from tbot_py.authservice import admin
 from tbot_py.authservice.server import RunningAuthService
 from tbot_py.bot.daemon import BOT_TASK, WALL_CLOCK_TICK, Daemon
 from tbot_py.config import BotConfig, load_config_text
@@ -30,7 +31,7 @@ from tbot_py.diagnostics.sdnotify import Notifier
 from tbot_py.errors import AccessDenied, ConfigError
 from tbot_py.services.base import BotContext, GenerateResult
 from tests.expected import IDENTITY_FILES
-from tests.unit.conftest import utc_now
+from tests.unit.conftest import BOT, create_login_roles, utc_now
 
 T = TypeVar("T")
 
@@ -535,3 +536,25 @@ def test_stop_closes_the_client_a_renewal_replaced(
 
     assert current_closed
     assert replaced_closed
+
+
+def test_a_fresh_bot_identity_retries_failed_outputs_at_once(
+    service: RunningAuthService, token: str, tmp_path: Path
+) -> None:
+    """An output refused for good (fatal, slow retry) comes back as soon as the bot renews.
+
+    The admin grants the missing role; the next bot renewal (here forced) must retry the
+    failed output right away instead of after its slow fatal-retry delay (minutes).
+    """
+    outputs = {"late": (tmp_path / "late", ["ops"])}
+    daemon = _daemon(_config(service, token, outputs), FakeNotifier())
+
+    async def scenario() -> None:
+        await _until(lambda: _status(daemon, "late") is Status.UNHEALTHY, "late to fail")
+        create_login_roles(service.cluster, "ops")
+        admin.update_bot_roles(service.cluster, BOT, add=("ops",))
+        daemon._schedule(BOT_TASK, utc_now())
+        await _until(lambda: _status(daemon, "late") is Status.HEALTHY, "late to recover", 5)
+
+    _drive(daemon, scenario)
+    assert set(_files(tmp_path / "late")) >= IDENTITY_FILES
