@@ -114,12 +114,14 @@ class IdentityService:
         changed = any(self.destination.read(name) != data for name, data in files.items())
         self.destination.write_many(files)
         log.info(
-            "%s: wrote %d files to %s (%s, roles %s, valid until %s)",
+            "%s: wrote %d files to %s (%s, roles %s, principals %s, valid %s to %s)",
             self.name,
             len(files),
             self.destination.describe(),
             identity.username,
             ",".join(identity.roles) or "-",
+            ",".join(identity.principals) or "-",
+            identity.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
             identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         return GenerateResult(
