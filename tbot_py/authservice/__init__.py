@@ -5,13 +5,18 @@ Layout, from the inside out:
 * :mod:`.errors`  - server-side errors, each mapped to Teleport's HTTP status.
 * :mod:`.ca`      - the cluster's certificate authorities and every certificate
   template (pure: the caller passes keys and ``now``).
-* :mod:`.storage` - SQLite state: the schema, bots, hashed join tokens, bot instances.
+* :mod:`.storage` - SQLite state: the file, its schema and migrations, transactions.
+* :mod:`.bots_store` - the bots table (``Storage.bots``).
+* :mod:`.tokens_store` - hashed join tokens (``Storage.tokens``).
+* :mod:`.instances_store` - bot instances: join, renewal generations, retries
+  (``Storage.instances``).
 * :mod:`.roles_store` - the roles table (``Storage.roles``).
 * :mod:`.locks`   - locks on a bot or a bot instance (``Storage.locks``), and the
   instance lock made when a renewal presents the wrong generation.
 * :mod:`.cluster` - the data directory: CA key files, the database, the init lock.
 * :mod:`.admin`   - offline admin operations (add bot, add token, list, remove).
-* :mod:`.app`     - the aiohttp application: handlers, mTLS caller checks, errors.
+* :mod:`.mtls`    - the mTLS caller check: only a bot's own renewable certificate.
+* :mod:`.app`     - the aiohttp application: handlers, errors.
 * :mod:`.server`  - TLS context and running the service (foreground or in a thread).
 
 The daemon never imports this package.

@@ -1,9 +1,9 @@
 """What the modules that own tables of ``state.db`` share: value encodings and the transaction type.
 
-:mod:`.storage` owns the file, its schema and the bots, tokens and instances;
-:mod:`.roles_store` and :mod:`.locks` own the roles and locks tables. Each
-statement runs in a transaction from ``Storage``, so a check in one module and
-a write in another are atomic together.
+:mod:`.storage` owns the file and its schema; :mod:`.bots_store`,
+:mod:`.tokens_store`, :mod:`.instances_store`, :mod:`.roles_store` and
+:mod:`.locks` own the tables. Each statement runs in a transaction from
+``Storage``, so a check in one module and a write in another are atomic together.
 
 Times are stored as fixed-width UTC text, which sorts and compares correctly
 as a string and reads well in the ``sqlite3`` shell.

@@ -19,17 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from tbot_py.authservice import audit, locks
+from tbot_py.authservice.bots_store import BotRecord, BotSummary
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AlreadyExists, BadParameter, NotFound
+from tbot_py.authservice.instances_store import BotInstanceRecord
 from tbot_py.authservice.locks import Lock
 from tbot_py.authservice.roles import NAME_RE, Role, parse_role_yaml
-from tbot_py.authservice.storage import (
-    JOIN_METHOD_TOKEN,
-    BotInstanceRecord,
-    BotRecord,
-    BotSummary,
-    TokenRecord,
-)
+from tbot_py.authservice.tokens_store import JOIN_METHOD_TOKEN, TokenRecord
 from tbot_py.client.wire import format_time
 from tbot_py.config._checks import read_text_file
 from tbot_py.config.duration import InvalidDurationError, parse_duration
@@ -133,7 +129,7 @@ def add_bot(
     token, expires = _new_token(token_ttl, now)
     bot = BotRecord(name=name, roles=roles, logins=logins, created_at=now)
     token_hash = keys.token_hash(token)
-    cluster.storage.add_bot(bot, token_hash=token_hash, token_expires=expires)
+    cluster.storage.bots.add(bot, token_hash=token_hash, token_expires=expires)
     audit.emit(
         cluster,
         "admin.bot.add",
@@ -156,20 +152,20 @@ def add_token(
     now = now or datetime.now(UTC)
     token, expires = _new_token(ttl, now)
     token_hash = keys.token_hash(token)
-    cluster.storage.add_token(token_hash, bot_name, expires, now)
+    cluster.storage.tokens.add(token_hash, bot_name, expires, now)
     _emit_token_added(cluster, token_hash, bot_name, expires)
     return IssuedToken(token=token, bot_name=bot_name, expires=expires)
 
 
 def list_bots(cluster: Cluster) -> list[BotSummary]:
     """Every bot with its number of instances, by name."""
-    return cluster.storage.list_bots()
+    return cluster.storage.bots.list_all()
 
 
 def remove_bot(cluster: Cluster, name: str) -> None:
     """Remove a bot, its tokens and its instances; NotFound when there is no such bot."""
     validate_bot_name(name)
-    cluster.storage.remove_bot(name)
+    cluster.storage.bots.remove(name)
     audit.emit(cluster, "admin.bot.rm", resource=f"bot/{name}")
 
 
@@ -187,7 +183,7 @@ def update_bot_roles(
     both = set(add) & set(remove)
     if both:
         raise BadParameter(f"role {sorted(both)[0]!r} is both added and removed")
-    bot = cluster.storage.update_bot_roles(name, add=add, remove=remove)
+    bot = cluster.storage.bots.update_roles(name, add=add, remove=remove)
     audit.emit(
         cluster, "admin.bot.update", resource=f"bot/{name}", details={"roles": ",".join(bot.roles)}
     )
@@ -197,12 +193,12 @@ def update_bot_roles(
 def list_instances(cluster: Cluster, bot_name: str) -> list[BotInstanceRecord]:
     """The joined instances of a bot, oldest first; NotFound when there is no such bot."""
     validate_bot_name(bot_name)
-    return cluster.storage.list_instances(bot_name)
+    return cluster.storage.instances.list_for_bot(bot_name)
 
 
 def list_tokens(cluster: Cluster) -> list[TokenRecord]:
     """Every stored join token, by expiry. Show them by :func:`audit.token_id`, never the hash."""
-    return cluster.storage.list_tokens()
+    return cluster.storage.tokens.list_all()
 
 
 def remove_token(cluster: Cluster, token_id: str) -> TokenRecord:
@@ -215,7 +211,7 @@ def remove_token(cluster: Cluster, token_id: str) -> TokenRecord:
         raise BadParameter(
             f"invalid token id {token_id[:80]!r}: use the ID column of tbot-py auth tokens ls"
         )
-    removed = cluster.storage.remove_token(prefix)
+    removed = cluster.storage.tokens.remove(prefix)
     audit.emit(
         cluster,
         "admin.token.rm",

@@ -29,17 +29,15 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import tbot_py
 from tbot_py.authservice import audit, ca, rbac
+from tbot_py.authservice.bots_store import BotRecord
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import (
     AccessDenied,
@@ -47,14 +45,14 @@ from tbot_py.authservice.errors import (
     BadParameter,
     GenerationMismatch,
 )
+from tbot_py.authservice.mtls import BotCaller, check_bot_certificate
 from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
 from tbot_py.authservice.roles import Role
 from tbot_py.authservice.roles_store import role_not_found
-from tbot_py.authservice.storage import TOKEN_NOT_VALID, BotRecord
+from tbot_py.authservice.tokens_store import TOKEN_NOT_VALID
 from tbot_py.client import wire
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
-from tbot_py.identity.tlsid import TLSIdentity
 
 log = logging.getLogger("tbot_py.authservice")
 
@@ -67,46 +65,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def utc_now() -> datetime:
     """The real clock; tests pass their own."""
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class BotCaller:
-    """A verified mTLS caller: the bot's own identity and when its certificate expires."""
-
-    identity: TLSIdentity
-    not_after: datetime
-
-
-def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
-    """Accept only the bot's own, current, renewable certificate from this cluster.
-
-    TLS has already verified the chain against the user CA; this repeats the
-    signature and validity checks with ``now`` so the rules do not depend on
-    the TLS configuration, then checks the identity. Raises AccessDenied.
-    """
-    if not der:
-        raise AccessDenied("client certificate required")
-    try:
-        cert = x509.load_der_x509_certificate(der)
-        cert.verify_directly_issued_by(cas.user.cert)
-    except (ValueError, TypeError, InvalidSignature):
-        raise AccessDenied("client certificate was not issued by this cluster") from None
-    if now < cert.not_valid_before_utc or now >= cert.not_valid_after_utc:
-        raise AccessDenied("client certificate has expired or is not yet valid")
-    identity = TLSIdentity.from_subject(cert.subject)
-    if identity.impersonator:
-        raise AccessDenied(
-            "impersonated certificates can not be used here; present the bot's own certificate"
-        )
-    if (
-        not identity.bot_name
-        or not identity.bot_instance_id
-        or identity.username != ca.bot_username(identity.bot_name)
-    ):
-        raise AccessDenied("client certificate is not a bot certificate")
-    if not identity.renewable:
-        raise AccessDenied("client certificate is not a renewable bot certificate")
-    return BotCaller(identity=identity, not_after=cert.not_valid_after_utc)
 
 
 def requested_public_key(public_keys: wire.PublicKeys) -> keys.PublicKey:
@@ -203,7 +161,7 @@ class AuthAPI:
             token_hash = keys.token_hash(req.token)
             fields["resource"] = "token/" + audit.token_id(token_hash)
             bot = await asyncio.to_thread(
-                self.cluster.storage.consume_token,
+                self.cluster.storage.instances.join,
                 token_hash,
                 instance_id=instance_id,
                 now=now,
@@ -228,7 +186,7 @@ class AuthAPI:
         """``POST /v1/bot/renew``: a new bot identity for a new key; bumps the generation.
 
         A retry from the previous generation with the same new key gets the
-        stored answer again (see ``Storage.renew_instance``), so a bot that
+        stored answer again (see ``InstanceStore.renew``), so a bot that
         crashed before saving its renewed identity is not locked out. Any other
         stale or reused generation locks the instance and is audited as
         ``lock.created``.
@@ -260,7 +218,7 @@ class AuthAPI:
             # renews at most once, and only its exact retry gets that answer again.
             try:
                 answer = await asyncio.to_thread(
-                    self.cluster.storage.renew_instance,
+                    self.cluster.storage.instances.renew,
                     bot.name,
                     ident.bot_instance_id,
                     presented=ident.generation,
@@ -360,7 +318,7 @@ class AuthAPI:
 
     async def _bot(self, caller: BotCaller) -> BotRecord:
         name = caller.identity.bot_name
-        bot = await asyncio.to_thread(self.cluster.storage.get_bot, name)
+        bot = await asyncio.to_thread(self.cluster.storage.bots.get, name)
         if bot is None:
             raise AccessDenied(f'bot "{name}" no longer exists')
         return bot
@@ -388,7 +346,7 @@ class AuthAPI:
         """The caller's bot, once its instance is known and neither is locked."""
         bot = await self._bot(caller)
         await asyncio.to_thread(
-            self.cluster.storage.admit_instance, bot.name, caller.identity.bot_instance_id, now
+            self.cluster.storage.instances.admit, bot.name, caller.identity.bot_instance_id, now
         )
         return bot
 

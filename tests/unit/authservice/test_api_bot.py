@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tbot_py.authservice import admin, ca
-from tbot_py.authservice.app import check_bot_certificate
 from tbot_py.authservice.errors import AccessDenied
+from tbot_py.authservice.mtls import check_bot_certificate
 from tbot_py.client import wire
 from tbot_py.identity import keys
 from tbot_py.identity.tlsid import TLSIdentity
@@ -42,7 +42,7 @@ def test_renew_increments_generation_and_keeps_the_instance(
     assert keys.same_public_key(renewed.cert.public_key(), renewed.key.public_key())  # type: ignore[arg-type]
     again = client.renewed(renewed)
     assert again.identity.generation == 3
-    stored = client.cluster.storage.get_instance("ci", joined.identity.bot_instance_id)
+    stored = client.cluster.storage.instances.get("ci", joined.identity.bot_instance_id)
     assert stored is not None and stored.generation == 3
 
 

@@ -80,7 +80,7 @@ def test_join_issues_a_renewable_bot_identity(client: AuthClient, bot_token: str
     assert keys.same_public_key(issued.cert.public_key(), issued.key.public_key())  # type: ignore[arg-type]
     assert issued.certs.tls_ca_certs == client.cluster.cas.tls_ca_certs
     assert issued.certs.ssh_ca_certs == client.cluster.cas.ssh_ca_keys
-    instance = client.cluster.storage.get_instance("ci", ident.bot_instance_id)
+    instance = client.cluster.storage.instances.get("ci", ident.bot_instance_id)
     assert instance is not None and instance.generation == 1
 
 

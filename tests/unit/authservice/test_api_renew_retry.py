@@ -25,7 +25,7 @@ def _renew_with(
 
 
 def _stored_generation(client: AuthClient, identity: Issued) -> int:
-    instance = client.cluster.storage.get_instance("ci", identity.identity.bot_instance_id)
+    instance = client.cluster.storage.instances.get("ci", identity.identity.bot_instance_id)
     assert instance is not None
     return instance.generation
 

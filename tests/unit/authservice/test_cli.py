@@ -55,10 +55,10 @@ def test_bots_add_json_prints_the_bot_and_a_fresh_token(tmp_path: Path) -> None:
     token = doc["token"]
     assert isinstance(token, str) and len(token) == 32
     expires = wire.parse_time(doc["token_expires"], "token_expires")
-    bot = open_cluster(data_dir).storage.get_bot("ci")
+    bot = open_cluster(data_dir).storage.bots.get("ci")
     assert bot is not None
     assert 29 * 60 <= (expires - bot.created_at).total_seconds() <= 30 * 60
-    assert open_cluster(data_dir).storage.count_tokens("ci") == 1
+    assert open_cluster(data_dir).storage.tokens.count("ci") == 1
 
 
 def test_bots_add_text_shows_token_expiry_pin_and_a_start_hint(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_tokens_add_json_issues_a_token_for_an_existing_bot(tmp_path: Path) -> N
     doc = json.loads(result.stdout)
     assert set(doc) == {"token", "bot_name", "token_expires", "join_method"}
     assert doc["bot_name"] == "ci" and doc["join_method"] == "token"
-    assert open_cluster(tmp_path).storage.count_tokens("ci") == 2
+    assert open_cluster(tmp_path).storage.tokens.count("ci") == 2
 
 
 def test_tokens_add_for_an_unknown_bot_fails_with_one_line(tmp_path: Path) -> None:

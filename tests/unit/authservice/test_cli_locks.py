@@ -22,7 +22,7 @@ from .test_cli_rbac import add_bot, ok
 def _joined_instance(data_dir: Path) -> str:
     """Bot "ci" with one joined instance; returns its ``ci/ID``."""
     token = add_bot(data_dir)
-    open_cluster(data_dir).storage.consume_token(
+    open_cluster(data_dir).storage.instances.join(
         keys.token_hash(token), instance_id="inst-1", now=datetime.now(UTC)
     )
     return "ci/inst-1"

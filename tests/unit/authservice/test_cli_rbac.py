@@ -163,7 +163,7 @@ def test_bots_add_with_an_unknown_role_fails_and_creates_nothing(tmp_path: Path)
     assert_one_error_line(
         result, 'ERROR: role "x" not found; create it with tbot-py auth create -f role.yaml'
     )
-    assert open_cluster(tmp_path).storage.get_bot("ci") is None
+    assert open_cluster(tmp_path).storage.bots.get("ci") is None
 
 
 def test_bots_update_adds_and_removes_roles(tmp_path: Path) -> None:
@@ -192,7 +192,7 @@ def test_bots_update_errors_are_one_line_and_change_nothing(
 ) -> None:
     add_bot(tmp_path)
     assert_one_error_line(run("bots", "update", "ci", *args, "--data-dir", tmp_path), needle)
-    bot = open_cluster(tmp_path).storage.get_bot("ci")
+    bot = open_cluster(tmp_path).storage.bots.get("ci")
     assert bot is not None and bot.roles == ("access",)
 
 
@@ -211,7 +211,7 @@ def test_bots_instances_ls_shows_id_generation_created_and_last_seen(tmp_path: P
     )
     joined = datetime.now(UTC).replace(microsecond=0)
     stamp = wire.format_time(joined)
-    open_cluster(tmp_path).storage.consume_token(
+    open_cluster(tmp_path).storage.instances.join(
         keys.token_hash(token), instance_id="inst-1", now=joined
     )
     lines = ok("bots", "instances", "ls", "ci", "--data-dir", tmp_path).splitlines()
@@ -239,7 +239,7 @@ def test_bots_instances_add_issues_a_join_token_for_the_existing_bot(tmp_path: P
                         "--data-dir", tmp_path))  # fmt: skip
     assert set(doc) == {"token", "bot_name", "token_expires", "join_method"}
     assert doc["bot_name"] == "ci"
-    assert open_cluster(tmp_path).storage.count_tokens("ci") == 2
+    assert open_cluster(tmp_path).storage.tokens.count("ci") == 2
     text = ok("bots", "instances", "add", "ci", "--data-dir", tmp_path)
     assert "The bot token: " in text and "--ca-pin=" in text
     assert_one_error_line(
@@ -276,7 +276,7 @@ def test_tokens_rm_removes_one_token_by_its_id(tmp_path: Path) -> None:
     token_id = keys.token_hash(token)[:8]
     out = ok("tokens", "rm", token_id.upper(), "--data-dir", tmp_path)
     assert out == f'Token {token_id} of bot "ci" removed.\n'
-    assert open_cluster(tmp_path).storage.count_tokens("ci") == 0
+    assert open_cluster(tmp_path).storage.tokens.count("ci") == 0
     assert_one_error_line(
         run("tokens", "rm", token_id, "--data-dir", tmp_path), f'no join token with id "{token_id}"'
     )
@@ -292,10 +292,10 @@ def test_tokens_rm_with_an_ambiguous_id_removes_nothing(tmp_path: Path) -> None:
     storage = open_cluster(tmp_path).storage
     now = datetime.now(UTC)
     for suffix in ("1", "2"):
-        storage.add_token("feedbeef" + suffix * 56, "ci", now.replace(year=now.year + 1), now)
+        storage.tokens.add("feedbeef" + suffix * 56, "ci", now.replace(year=now.year + 1), now)
     result = run("tokens", "rm", "feedbeef", "--data-dir", tmp_path)
     assert_one_error_line(result, 'token id "feedbeef" is ambiguous: 2 tokens match')
-    assert storage.count_tokens("ci") == 3
+    assert storage.tokens.count("ci") == 3
     ok("tokens", "rm", "feedbeef2", "--data-dir", tmp_path)
-    assert storage.count_tokens("ci") == 2
+    assert storage.tokens.count("ci") == 2
     assert re.search(r"^feedbeef ", ok("tokens", "ls", "--data-dir", tmp_path), re.M)

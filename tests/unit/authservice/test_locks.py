@@ -67,7 +67,7 @@ def test_a_mismatch_locks_only_that_instance_and_a_sibling_keeps_working(
     )
     for name, resp in _calls(client, sibling).items():
         assert resp.status_code == 200, (name, resp.text)
-    stored = client.cluster.storage.get_instance("ci", sibling.identity.bot_instance_id)
+    stored = client.cluster.storage.instances.get("ci", sibling.identity.bot_instance_id)
     assert stored is not None and stored.generation == 2
 
 
@@ -161,8 +161,8 @@ def test_a_bot_lock_refuses_joins_without_spending_the_token_and_every_instance(
     token = admin.add_token(client.cluster, "ci").token
     denial = f"bot ci is locked: incident 42 (lock {lock.id})"
     assert bad_join(client, token) == denial
-    assert client.cluster.storage.count_tokens("ci") == 1  # not spent
-    assert len(client.cluster.storage.list_instances("ci")) == 1
+    assert client.cluster.storage.tokens.count("ci") == 1  # not spent
+    assert len(client.cluster.storage.instances.list_for_bot("ci")) == 1
     assert _refusals(client, joined) == {name: (403, denial) for name in ("renew", "certs", "cas")}
 
     admin.remove_lock(client.cluster, lock.id)

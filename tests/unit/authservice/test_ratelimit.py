@@ -166,7 +166,7 @@ def test_third_join_in_a_burst_of_two_gets_429_with_retry_after(
         "error": {"message": f"too many join attempts from 127.0.0.1; retry in {retry_after} s"}
     }
     assert join_attempt(client, bot_token, path="/webapi/host/credentials").status_code == 429
-    assert client.cluster.storage.count_tokens("ci") == 1  # the token was never looked at
+    assert client.cluster.storage.tokens.count("ci") == 1  # the token was never looked at
 
 
 def test_a_refused_join_is_audited_as_a_denial(client: AuthClient) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tbot_py.authservice.bots_store import BotRecord
 from tbot_py.authservice.errors import (
     AccessDenied,
     AlreadyExists,
@@ -20,6 +21,7 @@ from tbot_py.authservice.errors import (
     Locked,
     NotFound,
 )
+from tbot_py.authservice.instances_store import RenewalAnswer
 from tbot_py.authservice.roles import (
     LOGINS_TRAIT,
     PRESET_ROLES,
@@ -27,13 +29,7 @@ from tbot_py.authservice.roles import (
     RoleConditions,
     new_role,
 )
-from tbot_py.authservice.storage import (
-    SCHEMA_VERSION,
-    BotRecord,
-    RenewalAnswer,
-    SchemaTooNew,
-    Storage,
-)
+from tbot_py.authservice.storage import SCHEMA_VERSION, SchemaTooNew, Storage
 from tbot_py.identity import keys
 
 from .conftest import theft_denial
@@ -45,7 +41,7 @@ TOKEN = "0123456789abcdef0123456789abcdef"
 @pytest.fixture
 def storage(tmp_path: Path) -> Storage:
     store = Storage.open(tmp_path / "state.db")
-    store.add_bot(
+    store.bots.add(
         BotRecord(name="ci", roles=("access",), logins=("root",), created_at=NOW),
         token_hash=keys.token_hash(TOKEN),
         token_expires=NOW + timedelta(hours=1),
@@ -64,7 +60,7 @@ def test_new_database_is_private_and_at_the_current_schema_version(tmp_path: Pat
 
 def test_state_survives_reopening(storage: Storage) -> None:
     reopened = Storage.open(storage.path)
-    bot = reopened.get_bot("ci")
+    bot = reopened.bots.get("ci")
     assert bot is not None
     assert (bot.roles, bot.logins, bot.created_at) == (("access",), ("root",), NOW)
 
@@ -89,32 +85,32 @@ def test_token_value_never_reaches_the_database(storage: Storage) -> None:
 
 def test_adding_an_existing_bot_is_refused(storage: Storage) -> None:
     with pytest.raises(AlreadyExists, match='bot "ci" already exists'):
-        storage.add_bot(BotRecord(name="ci", roles=("x",), logins=(), created_at=NOW))
+        storage.bots.add(BotRecord(name="ci", roles=("x",), logins=(), created_at=NOW))
 
 
 def test_token_for_an_unknown_bot_is_refused(storage: Storage) -> None:
     with pytest.raises(NotFound, match='bot "nope" not found'):
-        storage.add_token(keys.token_hash("t"), "nope", NOW + timedelta(hours=1), NOW)
+        storage.tokens.add(keys.token_hash("t"), "nope", NOW + timedelta(hours=1), NOW)
 
 
 def test_consuming_a_token_creates_instance_at_generation_one_and_spends_the_token(
     storage: Storage,
 ) -> None:
-    bot = storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
+    bot = storage.instances.join(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
     assert bot.name == "ci"
-    instance = storage.get_instance("ci", "i-1")
+    instance = storage.instances.get("ci", "i-1")
     assert instance is not None and instance.generation == 1
     with pytest.raises(AccessDenied, match="the token is not valid"):
-        storage.consume_token(keys.token_hash(TOKEN), instance_id="i-2", now=NOW)
-    assert storage.get_instance("ci", "i-2") is None
+        storage.instances.join(keys.token_hash(TOKEN), instance_id="i-2", now=NOW)
+    assert storage.instances.get("ci", "i-2") is None
 
 
 def test_expired_token_is_refused_and_dropped(storage: Storage) -> None:
     later = NOW + timedelta(hours=1)
     with pytest.raises(AccessDenied, match="the token is not valid"):
-        storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=later)
-    assert storage.count_tokens("ci") == 0
-    assert storage.get_instance("ci", "i-1") is None
+        storage.instances.join(keys.token_hash(TOKEN), instance_id="i-1", now=later)
+    assert storage.tokens.count("ci") == 0
+    assert storage.instances.get("ci", "i-1") is None
 
 
 def test_concurrent_joins_with_one_token_admit_exactly_one(storage: Storage) -> None:
@@ -124,7 +120,7 @@ def test_concurrent_joins_with_one_token_admit_exactly_one(storage: Storage) -> 
     def join(n: int) -> None:
         barrier.wait()
         try:
-            storage.consume_token(keys.token_hash(TOKEN), instance_id=f"i-{n}", now=NOW)
+            storage.instances.join(keys.token_hash(TOKEN), instance_id=f"i-{n}", now=NOW)
             results.append("ok")
         except AccessDenied:
             results.append("denied")
@@ -135,7 +131,7 @@ def test_concurrent_joins_with_one_token_admit_exactly_one(storage: Storage) -> 
     for t in threads:
         t.join()
     assert sorted(results) == ["denied"] * 7 + ["ok"]
-    assert storage.list_bots()[0].instance_count == 1
+    assert storage.bots.list_all()[0].instance_count == 1
 
 
 KEY_A = b"spki-der-of-key-a"  # renew_instance only hashes the DER it is given
@@ -165,7 +161,7 @@ def _renew(
     issuer: Issuer | None = None,
     instance: str = "i-1",
 ) -> RenewalAnswer:
-    return storage.renew_instance(
+    return storage.instances.renew(
         "ci",
         instance,
         presented=presented,
@@ -189,7 +185,7 @@ def _theft(message: str, stored: int, presented: int, instance: str = "i-1") -> 
 
 @pytest.fixture
 def one_instance(storage: Storage) -> Storage:
-    storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
+    storage.instances.join(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
     return storage
 
 
@@ -199,7 +195,7 @@ def test_renewal_issues_the_next_generation_and_advances(one_instance: Storage) 
     assert (first.generation, first.retry, first.expires) == (2, False, NOW + timedelta(hours=1))
     assert _renew(one_instance, 2, KEY_B, issuer=issuer).generation == 3
     assert issuer.calls == [2, 3]
-    instance = one_instance.get_instance("ci", "i-1")
+    instance = one_instance.instances.get("ci", "i-1")
     assert instance is not None and instance.generation == 3
 
 
@@ -212,7 +208,7 @@ def test_retry_with_the_same_generation_and_key_returns_the_stored_answer(
     retry = _renew(one_instance, 1, now=later, issuer=issuer)
     assert retry == RenewalAnswer(generation=2, body=first.body, expires=first.expires, retry=True)
     assert issuer.calls == [2]  # nothing issued for the retry
-    instance = one_instance.get_instance("ci", "i-1")
+    instance = one_instance.instances.get("ci", "i-1")
     assert instance is not None and (instance.generation, instance.last_seen_at) == (2, later)
 
 
@@ -228,7 +224,7 @@ def test_same_generation_with_another_key_is_a_mismatch_that_locks_the_instance(
     with pytest.raises(Locked) as err:
         _renew(one_instance, 1, KEY_A)
     assert err.value.message == message
-    instance = one_instance.get_instance("ci", "i-1")
+    instance = one_instance.instances.get("ci", "i-1")
     assert instance is not None and instance.generation == 2
 
 
@@ -261,7 +257,7 @@ def test_a_failing_issue_leaves_the_generation_alone(one_instance: Storage) -> N
         raise RuntimeError("signing failed")
 
     with pytest.raises(RuntimeError):
-        one_instance.renew_instance(
+        one_instance.instances.renew(
             "ci", "i-1", presented=1, new_key_spki=KEY_A, now=NOW, issue=broken
         )
     assert _renew(one_instance, 1).generation == 2
@@ -381,13 +377,13 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     Storage.open(fresh)
     assert _columns(path) == _columns(fresh)
 
-    bot = store.get_bot("ci")
+    bot = store.bots.get("ci")
     assert bot is not None and (bot.roles, bot.logins, bot.created_at) == (
         ("access",),
         ("root",),
         NOW,
     )
-    old = store.get_instance("ci", "i-2")
+    old = store.instances.get("ci", "i-2")
     assert old is not None and (old.generation, old.last_seen_at) == (2, NOW)
     # An instance renewed under v1 has no stored answer: the lost renewal stays lost.
     message = _mismatch(store, 1, instance="i-2")
@@ -448,7 +444,7 @@ def test_version_2_database_is_migrated_with_the_preset_roles(tmp_path: Path) ->
     auditor = store.roles.get("auditor")
     assert auditor is not None and auditor.spec.allow == RoleConditions()
     assert store.roles.list_all() == sorted(PRESET_ROLES, key=lambda r: r.name)
-    bot = store.get_bot("ci")
+    bot = store.bots.get("ci")
     assert bot is not None and bot.roles == ("access", "dev")  # kept; "dev" grants nothing
     Storage.open(path)  # reopening seeds nothing twice
     assert _role_names(path) == ["access", "auditor", "editor"]
@@ -553,7 +549,7 @@ def test_roles_are_created_replaced_only_with_overwrite_read_and_deleted(
 def test_a_role_in_use_cannot_be_deleted_and_the_error_names_the_bots(storage: Storage) -> None:
     storage.roles.put(new_role("dev"), NOW)
     for name in ("b2", "b1"):
-        storage.add_bot(BotRecord(name=name, roles=("dev",), logins=(), created_at=NOW))
+        storage.bots.add(BotRecord(name=name, roles=("dev",), logins=(), created_at=NOW))
     with pytest.raises(BadParameter) as err:
         storage.roles.delete("dev")
     assert err.value.message.startswith('role "dev" is still used by bots b1, b2; ')
@@ -563,7 +559,7 @@ def test_a_role_in_use_cannot_be_deleted_and_the_error_names_the_bots(storage: S
 
 def test_a_bot_naming_an_unknown_role_is_refused_and_not_created(storage: Storage) -> None:
     with pytest.raises(NotFound) as err:
-        storage.add_bot(
+        storage.bots.add(
             BotRecord(name="new", roles=("access", "x"), logins=(), created_at=NOW),
             token_hash=keys.token_hash("t2"),
             token_expires=NOW + timedelta(hours=1),
@@ -571,79 +567,79 @@ def test_a_bot_naming_an_unknown_role_is_refused_and_not_created(storage: Storag
     assert err.value.message == (
         'role "x" not found; create it with tbot-py auth create -f role.yaml'
     )
-    assert storage.get_bot("new") is None
-    assert storage.count_tokens("new") == 0
+    assert storage.bots.get("new") is None
+    assert storage.tokens.count("new") == 0
 
 
 def test_bot_roles_are_updated_and_a_bot_keeps_at_least_one(storage: Storage) -> None:
     storage.roles.put(new_role("dev"), NOW)
-    bot = storage.update_bot_roles("ci", add=("dev", "access"), remove=())
+    bot = storage.bots.update_roles("ci", add=("dev", "access"), remove=())
     assert bot.roles == ("access", "dev")
-    bot = storage.update_bot_roles("ci", remove=("access",))
+    bot = storage.bots.update_roles("ci", remove=("access",))
     assert bot.roles == ("dev",)
-    stored = storage.get_bot("ci")
+    stored = storage.bots.get("ci")
     assert stored is not None and (stored.roles, stored.logins) == (("dev",), ("root",))
     with pytest.raises(BadParameter, match='bot "ci" needs at least one role'):
-        storage.update_bot_roles("ci", remove=("dev",))
+        storage.bots.update_roles("ci", remove=("dev",))
     with pytest.raises(BadParameter, match='bot "ci" does not have role "editor"'):
-        storage.update_bot_roles("ci", remove=("editor",))
+        storage.bots.update_roles("ci", remove=("editor",))
     with pytest.raises(NotFound, match='role "ghost" not found'):
-        storage.update_bot_roles("ci", add=("ghost",))
+        storage.bots.update_roles("ci", add=("ghost",))
     with pytest.raises(NotFound, match='bot "nope" not found'):
-        storage.update_bot_roles("nope", add=("dev",))
-    stored = storage.get_bot("ci")
+        storage.bots.update_roles("nope", add=("dev",))
+    stored = storage.bots.get("ci")
     assert stored is not None and stored.roles == ("dev",)
 
 
 def test_instances_are_listed_oldest_first(storage: Storage) -> None:
-    assert storage.list_instances("ci") == []
-    storage.add_token(keys.token_hash("t2"), "ci", NOW + timedelta(hours=1), NOW)
-    storage.consume_token(keys.token_hash(TOKEN), instance_id="i-b", now=NOW)
+    assert storage.instances.list_for_bot("ci") == []
+    storage.tokens.add(keys.token_hash("t2"), "ci", NOW + timedelta(hours=1), NOW)
+    storage.instances.join(keys.token_hash(TOKEN), instance_id="i-b", now=NOW)
     later = NOW + timedelta(minutes=1)
-    storage.consume_token(keys.token_hash("t2"), instance_id="i-a", now=later)
-    instances = storage.list_instances("ci")
+    storage.instances.join(keys.token_hash("t2"), instance_id="i-a", now=later)
+    instances = storage.instances.list_for_bot("ci")
     assert [(i.id, i.generation, i.created_at) for i in instances] == [
         ("i-b", 1, NOW),
         ("i-a", 1, later),
     ]
     with pytest.raises(NotFound, match='bot "ghost" not found'):
-        storage.list_instances("ghost")
+        storage.instances.list_for_bot("ghost")
 
 
 def test_tokens_are_listed_and_removed_by_an_unambiguous_hash_prefix(storage: Storage) -> None:
     expires = NOW + timedelta(hours=2)
-    storage.add_token("abcd1111" + "0" * 56, "ci", expires, NOW)
-    storage.add_token("abcd2222" + "0" * 56, "ci", expires, NOW)
-    listed = storage.list_tokens()
+    storage.tokens.add("abcd1111" + "0" * 56, "ci", expires, NOW)
+    storage.tokens.add("abcd2222" + "0" * 56, "ci", expires, NOW)
+    listed = storage.tokens.list_all()
     assert [(t.token_hash[:8], t.bot_name, t.join_method) for t in listed] == [
         (keys.token_hash(TOKEN)[:8], "ci", "token"),
         ("abcd1111", "ci", "token"),
         ("abcd2222", "ci", "token"),
     ]
     with pytest.raises(BadParameter, match='token id "abcd" is ambiguous: 2 tokens match'):
-        storage.remove_token("abcd")
-    assert storage.remove_token("abcd1").token_hash.startswith("abcd1111")
+        storage.tokens.remove("abcd")
+    assert storage.tokens.remove("abcd1").token_hash.startswith("abcd1111")
     with pytest.raises(NotFound, match='no join token with id "abcd1"'):
-        storage.remove_token("abcd1")
-    assert storage.count_tokens("ci") == 2
+        storage.tokens.remove("abcd1")
+    assert storage.tokens.count("ci") == 2
 
 
 def test_removing_a_bot_removes_its_tokens_and_instances(storage: Storage) -> None:
-    storage.add_token(keys.token_hash("other"), "ci", NOW + timedelta(hours=1), NOW)
-    storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
-    storage.remove_bot("ci")
-    assert storage.get_bot("ci") is None
-    assert storage.get_instance("ci", "i-1") is None
-    assert storage.count_tokens("ci") == 0
+    storage.tokens.add(keys.token_hash("other"), "ci", NOW + timedelta(hours=1), NOW)
+    storage.instances.join(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
+    storage.bots.remove("ci")
+    assert storage.bots.get("ci") is None
+    assert storage.instances.get("ci", "i-1") is None
+    assert storage.tokens.count("ci") == 0
     with pytest.raises(NotFound):
-        storage.remove_bot("ci")
+        storage.bots.remove("ci")
 
 
 def test_list_bots_counts_instances(storage: Storage) -> None:
     storage.roles.put(new_role("r"), NOW)
-    storage.add_bot(BotRecord(name="a-bot", roles=("r",), logins=(), created_at=NOW))
-    storage.consume_token(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
-    summaries = storage.list_bots()
+    storage.bots.add(BotRecord(name="a-bot", roles=("r",), logins=(), created_at=NOW))
+    storage.instances.join(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
+    summaries = storage.bots.list_all()
     assert [(s.bot.name, s.instance_count) for s in summaries] == [("a-bot", 0), ("ci", 1)]
 
 

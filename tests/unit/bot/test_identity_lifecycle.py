@@ -92,7 +92,7 @@ def test_first_run_joins_and_saves_generation_one(
     assert identity.roles == ("access", "dev")
     assert identity.cluster_name == service.cluster_name
     assert _stored(storage) == (identity, keys.token_hash(token))
-    instance = service.cluster.storage.get_instance(BOT, tid.bot_instance_id)
+    instance = service.cluster.storage.instances.get(BOT, tid.bot_instance_id)
     assert instance is not None and instance.generation == 1
 
 
@@ -105,7 +105,7 @@ def test_second_run_renews_with_a_fresh_key_and_the_same_instance(
     assert second.tls_identity.bot_instance_id == first.tls_identity.bot_instance_id
     assert second.private_key_pem != first.private_key_pem
     assert _stored(storage) == (second, keys.token_hash(token))
-    instance = service.cluster.storage.get_instance(BOT, first.tls_identity.bot_instance_id)
+    instance = service.cluster.storage.instances.get(BOT, first.tls_identity.bot_instance_id)
     assert instance is not None and instance.generation == 2
 
 

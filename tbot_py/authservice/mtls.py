@@ -1,0 +1,58 @@
+"""The mTLS caller check: only a bot's own, current, renewable certificate from this cluster.
+
+The bot endpoints of :mod:`.app` (renew, certs, cas) call
+:func:`check_bot_certificate` on the client certificate TLS has already
+verified. It is pure: the caller passes the CAs and ``now``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+
+from tbot_py.authservice import ca
+from tbot_py.authservice.errors import AccessDenied
+from tbot_py.identity.tlsid import TLSIdentity
+
+
+@dataclass(frozen=True)
+class BotCaller:
+    """A verified mTLS caller: the bot's own identity and when its certificate expires."""
+
+    identity: TLSIdentity
+    not_after: datetime
+
+
+def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
+    """Accept only the bot's own, current, renewable certificate from this cluster.
+
+    TLS has already verified the chain against the user CA; this repeats the
+    signature and validity checks with ``now`` so the rules do not depend on
+    the TLS configuration, then checks the identity. Raises AccessDenied.
+    """
+    if not der:
+        raise AccessDenied("client certificate required")
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        cert.verify_directly_issued_by(cas.user.cert)
+    except (ValueError, TypeError, InvalidSignature):
+        raise AccessDenied("client certificate was not issued by this cluster") from None
+    if now < cert.not_valid_before_utc or now >= cert.not_valid_after_utc:
+        raise AccessDenied("client certificate has expired or is not yet valid")
+    identity = TLSIdentity.from_subject(cert.subject)
+    if identity.impersonator:
+        raise AccessDenied(
+            "impersonated certificates can not be used here; present the bot's own certificate"
+        )
+    if (
+        not identity.bot_name
+        or not identity.bot_instance_id
+        or identity.username != ca.bot_username(identity.bot_name)
+    ):
+        raise AccessDenied("client certificate is not a bot certificate")
+    if not identity.renewable:
+        raise AccessDenied("client certificate is not a renewable bot certificate")
+    return BotCaller(identity=identity, not_after=cert.not_valid_after_utc)

@@ -1,0 +1,90 @@
+"""What every ``tbot-py auth`` command shares: its options, its output and its error lines.
+
+Every user error is one ``ERROR: ...`` line on stderr with exit code 1
+(:func:`user_errors`). Tables are left-aligned columns two spaces apart, and
+``--format json`` prints one JSON document.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, ParamSpec, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_FORMAT = click.Choice(["text", "json"])
+
+
+class UserError(click.ClickException):
+    """One ``ERROR: <message>`` line on stderr, exit code 1."""
+
+    def show(self, file: IO[Any] | None = None) -> None:
+        click.echo(f"ERROR: {self.format_message()}", err=True)
+
+
+def user_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Turn the errors a user can cause into one line instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        import sqlite3
+
+        from tbot_py.authservice.errors import AuthServiceError
+        from tbot_py.errors import Error
+
+        try:
+            return func(*args, **kwargs)
+        except (AuthServiceError, Error) as exc:
+            raise UserError(str(exc)) from None
+        except sqlite3.Error as exc:
+            # e.g. "database is locked" after the busy timeout, or a damaged file.
+            raise UserError(f"state database: {exc}") from None
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise UserError(f"{where}{exc.strerror or exc}") from None
+
+    return wrapper
+
+
+def data_dir_option(func: Callable[P, R]) -> Callable[P, R]:
+    """The ``--data-dir`` option every command takes."""
+    return click.option(
+        "--data-dir",
+        required=True,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory holding the cluster's CA keys and state (created 0700 on first use).",
+    )(func)
+
+
+def format_option(func: Callable[P, R]) -> Callable[P, R]:
+    """``--format text|json``, passed as ``output_format``."""
+    return click.option("--format", "output_format", type=_FORMAT, default="text")(func)
+
+
+def print_json(doc: object) -> None:
+    """``doc`` as one line of JSON on stdout."""
+    click.echo(json.dumps(doc))
+
+
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Left-aligned columns, two spaces apart."""
+    table = [header, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def when(t: datetime) -> str:
+    """A time as the commands show it: RFC 3339 UTC, whole seconds."""
+    from tbot_py.client.wire import format_time
+
+    return format_time(t.replace(microsecond=0))

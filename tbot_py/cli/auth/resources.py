@@ -1,0 +1,95 @@
+"""``tbot-py auth create``, ``get`` and ``rm``: role resources, tctl-style (``role/NAME``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tbot_py.cli.auth._common import data_dir_option, print_json, print_table, user_errors
+
+
+@click.command(name="create")
+@click.option(
+    "-f",
+    "--filename",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The role YAML file (kind: role).",
+)
+@click.option("--force", is_flag=True, help="Replace the role if it exists.")
+@data_dir_option
+@user_errors
+def create(filename: Path, force: bool, data_dir: Path) -> None:
+    """Create a role from a YAML file, or replace one with --force."""
+    from tbot_py.authservice import admin
+    from tbot_py.authservice.cluster import open_cluster
+
+    role = admin.read_role_file(filename)  # before opening: a bad file changes nothing
+    replaced = admin.create_role(open_cluster(data_dir), role, force=force)
+    click.echo(f'role "{role.name}" has been {"updated" if replaced else "created"}')
+
+
+@click.command(name="get")
+@click.argument("resource")
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "yaml", "json"]),
+    default="text",
+    help="text: YAML for role/NAME, a table for roles.",
+)
+@data_dir_option
+@user_errors
+def get(resource: str, output_format: str, data_dir: Path) -> None:
+    """Show role/NAME as YAML, or list every role (RESOURCE: roles)."""
+    from tbot_py.authservice import admin
+    from tbot_py.authservice.cluster import open_cluster
+    from tbot_py.config.duration import format_duration
+
+    _, name = admin.parse_resource_ref(resource)
+    cluster = open_cluster(data_dir)
+    if name is not None:
+        role = admin.get_role(cluster, name)
+        if output_format == "json":
+            print_json(role.to_json())
+        else:
+            click.echo(role.to_yaml(), nl=False)
+        return
+    roles = admin.list_roles(cluster)
+    if output_format == "json":
+        print_json([role.to_json() for role in roles])
+    elif output_format == "yaml":
+        click.echo("---\n".join(role.to_yaml() for role in roles), nl=False)
+    elif not roles:
+        click.echo("No roles.")
+    else:
+        print_table(
+            ("NAME", "MAX SESSION TTL", "LOGINS", "DESCRIPTION"),
+            [
+                (
+                    role.name,
+                    format_duration(role.max_session_ttl),
+                    ",".join(role.spec.allow.logins) or "-",
+                    role.metadata.description or "-",
+                )
+                for role in roles
+            ],
+        )
+
+
+@click.command(name="rm")
+@click.argument("resource")
+@data_dir_option
+@user_errors
+def rm(resource: str, data_dir: Path) -> None:
+    """Delete role/NAME; refused while a bot uses it."""
+    from tbot_py.authservice import admin
+    from tbot_py.authservice.cluster import open_cluster
+    from tbot_py.authservice.errors import BadParameter
+
+    _, name = admin.parse_resource_ref(resource)
+    if name is None:
+        raise BadParameter("name the role to remove: role/NAME")
+    admin.delete_role(open_cluster(data_dir), name)
+    click.echo(f'role "{name}" has been deleted')
