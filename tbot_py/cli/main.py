@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 import time
 from typing import Any
@@ -115,6 +116,11 @@ def main(argv: list[str] | None = None) -> Any:
     except KeyboardInterrupt:
         click.echo("ERROR: interrupted", err=True)
         sys.exit(130)
+    except BrokenPipeError:
+        # The reader went away (`tbot-py ... | head`): stop quietly, as Unix tools do.
+        # Point stdout at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Exception as exc:  # a bug: still one line, with the trace only on request
         if _debug_requested(args):
             logging.getLogger("tbot_py").exception("internal error")

@@ -10,7 +10,7 @@ from pathlib import Path
 from tbot_py import __version__
 from tbot_py.config import load_config_text
 from tbot_py.identity.identityfile import parse_identity_file
-from tests.integration.conftest import AuthService, clean_env, error_lines, run_tbot
+from tests.integration.conftest import TBOT, AuthService, clean_env, error_lines, run_tbot
 
 
 def test_version_prints_the_package_version() -> None:
@@ -93,3 +93,13 @@ def test_bots_add_text_hint_reads_the_token_from_an_absolute_file(tmp_path: Path
     # Relative paths are sent as the token value; the hint must use an absolute path.
     assert token_flag.removeprefix("--token=").startswith("/")
     assert token.split(":", 1)[1].strip() not in hint
+
+
+def test_output_piped_into_a_closed_reader_exits_quietly(tmp_path: Path) -> None:
+    """`tbot-py ... | true`: the reader is gone before we write; no ERROR line, no trace."""
+    done = subprocess.run(
+        f"{TBOT} auth bots add piped --roles access --data-dir {tmp_path} | true",
+        shell=True, capture_output=True, text=True, env=clean_env(), check=False,
+    )  # fmt: skip
+    assert "ERROR" not in done.stderr
+    assert "Traceback" not in done.stderr

@@ -48,6 +48,8 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
         except sqlite3.Error as exc:
             # e.g. "database is locked" after the busy timeout, or a damaged file.
             raise UserError(f"state database: {exc}") from None
+        except BrokenPipeError:
+            raise  # the reader went away; the CLI entry point exits quietly
         except OSError as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise UserError(f"{where}{exc.strerror or exc}") from None
