@@ -9,7 +9,6 @@ Removing a bot removes its join tokens and instances, but not its locks
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -45,7 +44,7 @@ class BotSummary:
 # -- in a Storage transaction ---------------------------------------------------------
 
 
-def get_bot(conn: sqlite3.Connection, name: str) -> BotRecord | None:
+def get_bot(conn: _sql.Connection, name: str) -> BotRecord | None:
     """The bot called ``name``, or None."""
     row = conn.execute(
         "SELECT name, roles, logins, created_at FROM bots WHERE name = ?", (name,)
@@ -82,7 +81,7 @@ class BotStore:
                         _sql.ts(bot.created_at),
                     ),
                 )
-            except sqlite3.IntegrityError:
+            except _sql.IntegrityError:
                 raise AlreadyExists(f'bot "{bot.name}" already exists') from None
             require_roles(conn, bot.roles)
             if token_hash is not None and token_expires is not None:

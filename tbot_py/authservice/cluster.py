@@ -1,6 +1,6 @@
 """The auth service's data directory: CA keys, the state database and the init lock.
 
-Layout (directory 0700, every file 0600)::
+Layout with the default SQLite storage (directory 0700, every file 0600)::
 
     DIR/init.lock                 flock held while creating or loading the cluster
     DIR/state.db (+ -wal, -shm)   SQLite state, including the cluster name
@@ -13,6 +13,10 @@ The first command to use a directory creates the cluster while holding an
 exclusive flock on ``init.lock``, so two processes started together cannot
 create two sets of CAs. The cluster name is written to the database last: a
 directory without it was never completely initialised and is initialised again.
+
+With ``--storage postgres://...`` the state and the CAs live in PostgreSQL,
+shared by every replica (:mod:`.ca_store`), and the data directory holds only
+this replica's ``server.key``, ``server.crt`` and the audit log.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from tbot_py.authservice.ca import (
     create_cluster_cas,
     issue_server_certificate,
 )
+from tbot_py.authservice.ca_store import META_CLUSTER_NAME
 from tbot_py.authservice.errors import AuthServiceError, BadParameter, ClusterNotInitialized
-from tbot_py.authservice.storage import Storage
+from tbot_py.authservice.storage import Storage, is_postgres_url
 from tbot_py.destinations.directory import DirectoryDestination
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
@@ -46,7 +51,6 @@ STATE_DB = "state.db"
 INIT_LOCK = "init.lock"
 SERVER_KEY = "server.key"
 SERVER_CERT = "server.crt"
-_META_CLUSTER_NAME = "cluster_name"
 
 # A DNS-like name: it appears in host CA export lines and in certificate subjects.
 _CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -95,39 +99,78 @@ def open_cluster(
     cluster_name: str | None = None,
     create: bool = True,
     now: datetime | None = None,
+    storage: str | None = None,
 ) -> Cluster:
     """Open the cluster in ``data_dir``, creating directory, CAs and database on first use.
 
     ``cluster_name`` (default :data:`DEFAULT_CLUSTER_NAME`) names a new
     cluster; for an existing one it must match. With ``create=False`` a
-    directory without a cluster raises ClusterNotInitialized.
+    directory without a cluster raises ClusterNotInitialized. ``storage``, a
+    ``postgres://`` URL, keeps the state and the CAs in that database instead.
     """
     if cluster_name is not None:
         validate_cluster_name(cluster_name)
+    if storage:
+        return _open_shared_cluster(
+            data_dir, storage, cluster_name=cluster_name, create=create, now=now
+        )
     if not create and not (data_dir / STATE_DB).is_file():
         raise ClusterNotInitialized(_not_initialized(data_dir))
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _init_lock(data_dir):
-        storage = Storage.open(data_dir / STATE_DB)
-        existing = storage.get_meta(_META_CLUSTER_NAME)
+        state = Storage.open(data_dir / STATE_DB)
+        existing = state.get_meta(META_CLUSTER_NAME)
         if existing is None:
             if not create:
                 raise ClusterNotInitialized(_not_initialized(data_dir))
             name = cluster_name or DEFAULT_CLUSTER_NAME
-            cas = _create_cluster(data_dir, storage, name, now or datetime.now(UTC))
+            cas = _create_cluster(data_dir, state, name, now or datetime.now(UTC))
         else:
-            if cluster_name is not None and cluster_name != existing:
-                raise BadParameter(
-                    f"{data_dir} already holds cluster {existing!r}, not {cluster_name!r}; "
-                    "drop --cluster-name or use another --data-dir"
-                )
+            _check_cluster_name(str(data_dir), existing, cluster_name)
             cas = _load_cas(data_dir, existing)
-    return Cluster(data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=storage)
+    return Cluster(data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=state)
 
 
-def read_ca_pin(data_dir: Path) -> str:
+def _open_shared_cluster(
+    data_dir: Path,
+    url: str,
+    *,
+    cluster_name: str | None,
+    create: bool,
+    now: datetime | None,
+) -> Cluster:
+    if not is_postgres_url(url):
+        raise BadParameter(
+            f"invalid --storage {url.partition(':')[0]!r} URL: use postgres://USER@HOST:PORT/DB, "
+            "or leave it out for SQLite in --data-dir"
+        )
+    state = Storage.open_postgres(url)
+    name = cluster_name or DEFAULT_CLUSTER_NAME
+
+    def make() -> ClusterCAs:
+        return create_cluster_cas(name, now or datetime.now(UTC))
+
+    cas = state.cert_authorities.load_or_create(make if create else None)
+    if cas is None:
+        raise ClusterNotInitialized(
+            f"no cluster in {state.backend.location}; create one with 'tbot-py auth start'"
+        )
+    _check_cluster_name(state.backend.location, cas.cluster_name, cluster_name)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return Cluster(data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=state)
+
+
+def _check_cluster_name(where: str, existing: str, wanted: str | None) -> None:
+    if wanted is not None and wanted != existing:
+        raise BadParameter(
+            f"{where} already holds cluster {existing!r}, not {wanted!r}; "
+            "drop --cluster-name or use another --data-dir"
+        )
+
+
+def read_ca_pin(data_dir: Path, storage: str | None = None) -> str:
     """The CA pin of an existing cluster; ClusterNotInitialized when there is none."""
-    return open_cluster(data_dir, create=False).ca_pin
+    return open_cluster(data_dir, create=False, storage=storage).ca_pin
 
 
 def validate_cluster_name(name: str) -> None:
@@ -179,7 +222,7 @@ def _create_cluster(data_dir: Path, storage: Storage, name: str, now: datetime) 
         write_private_file(ca_key_path(data_dir, ca_type), authority.key_pem)
         write_private_file(ca_cert_path(data_dir, ca_type), authority.cert_pem)
     # Last: its presence marks the directory as completely initialised.
-    storage.set_meta(_META_CLUSTER_NAME, name)
+    storage.set_meta(META_CLUSTER_NAME, name)
     return cas
 
 

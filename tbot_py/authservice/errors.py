@@ -76,3 +76,9 @@ class LimitExceeded(AuthServiceError):
 
 class ClusterNotInitialized(NotFound):
     """The data directory holds no cluster yet."""
+
+
+class StorageUnavailable(AuthServiceError):
+    """The PostgreSQL state database cannot be reached or failed a statement (HTTP 503)."""
+
+    status = 503

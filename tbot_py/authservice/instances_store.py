@@ -142,8 +142,10 @@ class InstanceStore:
         with self._transaction(write=True) as conn:
             locks.refuse_if_locked(conn, bot_name, instance_id, now)
             row = conn.execute(
-                "SELECT generation, renewed_from, renewal_key_sha256, renewal_answer, "
-                "renewal_expires_at FROM bot_instances WHERE id = ? AND bot_name = ?",
+                conn.for_update(
+                    "SELECT generation, renewed_from, renewal_key_sha256, renewal_answer, "
+                    "renewal_expires_at FROM bot_instances WHERE id = ? AND bot_name = ?"
+                ),
                 (instance_id, bot_name),
             ).fetchone()
             if row is None:

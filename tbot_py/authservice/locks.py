@@ -22,7 +22,6 @@ written in the transaction that refuses it. A check is one indexed query.
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -112,7 +111,7 @@ def new_lock(
 
 
 def in_force(
-    conn: sqlite3.Connection, bot_name: str, instance_id: str | None, now: datetime
+    conn: _sql.Connection, bot_name: str, instance_id: str | None, now: datetime
 ) -> Lock | None:
     """The oldest lock in force on bot ``bot_name`` or on its instance ``instance_id``.
 
@@ -131,7 +130,7 @@ def in_force(
 
 
 def refuse_if_locked(
-    conn: sqlite3.Connection, bot_name: str, instance_id: str | None, now: datetime
+    conn: _sql.Connection, bot_name: str, instance_id: str | None, now: datetime
 ) -> None:
     """Raise Locked when a lock is in force on the bot or the instance (see :func:`in_force`)."""
     lock = in_force(conn, bot_name, instance_id, now)
@@ -140,7 +139,7 @@ def refuse_if_locked(
 
 
 def lock_mismatched_instance(
-    conn: sqlite3.Connection,
+    conn: _sql.Connection,
     bot_name: str,
     instance_id: str,
     *,
@@ -161,7 +160,7 @@ def lock_mismatched_instance(
     return lock
 
 
-def _insert(conn: sqlite3.Connection, lock: Lock) -> None:
+def _insert(conn: _sql.Connection, lock: Lock) -> None:
     conn.execute(
         f"INSERT INTO locks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608
         (

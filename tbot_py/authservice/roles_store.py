@@ -8,7 +8,6 @@ deleted; both are checked in the transaction that makes the change.
 from __future__ import annotations
 
 import json
-import sqlite3
 from datetime import UTC, datetime
 
 from tbot_py.authservice import _sql
@@ -22,7 +21,7 @@ def role_not_found(name: str) -> str:
     return f'role "{name}" not found; create it with tbot-py auth create -f role.yaml'
 
 
-def seed_preset_roles(conn: sqlite3.Connection) -> None:
+def seed_preset_roles(conn: _sql.Connection) -> None:
     """Insert the preset roles (access, editor, auditor); a step of the v3 migration."""
     now = _sql.ts(datetime.now(UTC))
     for role in PRESET_ROLES:
@@ -32,8 +31,10 @@ def seed_preset_roles(conn: sqlite3.Connection) -> None:
         )
 
 
-def require_roles(conn: sqlite3.Connection, names: tuple[str, ...]) -> None:
+def require_roles(conn: _sql.Connection, names: tuple[str, ...]) -> None:
     """Raise NotFound for the first of ``names`` that is not a stored role."""
+    if not names:
+        return
     rows = conn.execute(
         f"SELECT name FROM roles WHERE name IN ({_sql.placeholders(names)})",  # noqa: S608
         names,
@@ -76,6 +77,8 @@ class RoleStore:
 
     def get_many(self, names: tuple[str, ...]) -> dict[str, Role]:
         """The roles among ``names`` that exist, by name."""
+        if not names:
+            return {}
         with self._transaction() as conn:
             rows = conn.execute(
                 f"SELECT name, definition FROM roles WHERE name IN ({_sql.placeholders(names)})",  # noqa: S608

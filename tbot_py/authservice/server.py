@@ -165,14 +165,16 @@ def serve(
     cluster_name: str | None = None,
     public_addrs: Sequence[str] = (),
     join_rate: Rate = DEFAULT_JOIN_RATE,
+    storage: str | None = None,
 ) -> None:
     """Run the auth service in the foreground until SIGTERM or SIGINT.
 
     When it is listening, print one JSON line ``{"addr": ..., "ca_pin": ...}``
     on stdout. Raises AuthServiceError for a bad address or data directory.
-    ``join_rate`` limits join attempts per source address.
+    ``join_rate`` limits join attempts per source address; ``storage``, a
+    ``postgres://`` URL, shares the state and CAs with other replicas.
     """
-    cluster = open_cluster(data_dir, cluster_name=cluster_name)
+    cluster = open_cluster(data_dir, cluster_name=cluster_name, storage=storage)
     listener = _Listener(listen, public_addrs)
 
     def ready(addr: str) -> None:
@@ -275,13 +277,14 @@ def start_in_thread(
     public_addrs: Sequence[str] = (),
     clock: Clock = utc_now,
     join_rate: Rate = DEFAULT_JOIN_RATE,
+    storage: str | None = None,
 ) -> RunningAuthService:
     """Start the auth service in a background thread; return once it is listening.
 
     For the demo and tests. ``clock`` replaces the real time in request handling;
-    ``join_rate`` limits join attempts per source address.
+    ``join_rate`` limits join attempts per source address; ``storage`` as for :func:`serve`.
     """
-    cluster = open_cluster(data_dir, cluster_name=cluster_name)
+    cluster = open_cluster(data_dir, cluster_name=cluster_name, storage=storage)
     service = RunningAuthService(cluster, _Listener(listen, public_addrs), clock, join_rate)
     service._start()
     return service

@@ -1,17 +1,23 @@
-"""SQLite state of the auth service: the ``state.db`` file, its schema and migrations.
+"""The auth service's state database, SQLite (the default) or PostgreSQL: schema and migrations.
 
-The running server and the admin CLI open the same ``state.db`` at the same
-time, so every operation is one short transaction on its own connection:
-WAL lets readers run beside a writer, ``busy_timeout`` makes a writer wait
-for another instead of failing, and ``BEGIN IMMEDIATE`` takes the write lock
-up front so a read-then-write step cannot race another process.
+SQLite keeps everything in the ``state.db`` file of the data directory. The
+running server and the admin CLI open it at the same time, so every operation
+is one short transaction on its own connection: WAL lets readers run beside a
+writer, ``busy_timeout`` makes a writer wait for another instead of failing,
+and ``BEGIN IMMEDIATE`` takes the write lock up front so a read-then-write
+step cannot race another process.
 
-This module owns the file, the connection and transaction rules, the schema
-and the cluster metadata. Each table's queries live in their own module and
-are reached through a ``Storage`` attribute that shares its transactions:
+PostgreSQL (:mod:`._postgres`) lets several auth service replicas share one
+state. A write transaction there takes one transaction-level advisory lock up
+front, the same guarantee ``BEGIN IMMEDIATE`` gives, and the schema version
+lives in a ``schema_version`` table instead of ``PRAGMA user_version``.
+
+This module owns the connection and transaction rules, the schema and the
+cluster metadata. Each table's queries live in their own module and are
+reached through a ``Storage`` attribute that shares its transactions:
 ``bots`` (:mod:`.bots_store`), ``tokens`` (:mod:`.tokens_store`),
-``instances`` (:mod:`.instances_store`), ``roles`` (:mod:`.roles_store`) and
-``locks`` (:mod:`.locks`).
+``instances`` (:mod:`.instances_store`), ``roles`` (:mod:`.roles_store`),
+``locks`` (:mod:`.locks`) and ``cert_authorities`` (:mod:`.ca_store`).
 """
 
 from __future__ import annotations
@@ -19,11 +25,13 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import Protocol
 
-from tbot_py.authservice import locks
+from tbot_py.authservice import _sql, locks
 from tbot_py.authservice.bots_store import BotStore
+from tbot_py.authservice.ca_store import CAStore
 from tbot_py.authservice.errors import AuthServiceError
 from tbot_py.authservice.instances_store import InstanceStore
 from tbot_py.authservice.roles_store import RoleStore, seed_preset_roles
@@ -76,7 +84,7 @@ _SCHEMA_V2 = (
 
 # v3: role resources, seeded with the presets (access, editor, auditor). Bots created
 # before v3 may name roles that do not exist; they grant nothing until created.
-_SCHEMA_V3: tuple[str | Callable[[sqlite3.Connection], None], ...] = (
+_SCHEMA_V3: tuple[str | Callable[[_sql.Connection], None], ...] = (
     """CREATE TABLE roles (
         name       TEXT PRIMARY KEY,
         definition TEXT NOT NULL,     -- the Role as JSON
@@ -101,7 +109,7 @@ _SCHEMA_V4 = (
     "CREATE INDEX locks_target ON locks(target_kind, target)",
 )
 
-_MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] = {
+_MIGRATIONS: dict[int, tuple[str | Callable[[_sql.Connection], None], ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
@@ -110,29 +118,38 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[sqlite3.Connection], None], ...]] =
 
 
 class SchemaTooNew(AuthServiceError):
-    """``state.db`` was written by a newer tbot-py."""
+    """The database was written by a newer tbot-py."""
 
 
-class Storage:
-    """The auth service's state in one SQLite file; each table is reached through an attribute."""
+class Backend(Protocol):
+    """One kind of database: how to open a transaction and where the schema version is kept."""
+
+    #: Where the state lives, for messages: a path, or a DSN without its password.
+    location: str
+
+    def transaction(self, *, write: bool = False) -> AbstractContextManager[_sql.Connection]:
+        """One transaction on its own connection; ``write`` takes the write lock up front."""
+        ...
+
+    def prepare(self) -> None:
+        """Set-up that must run outside a transaction, before migrating."""
+        ...
+
+    def read_version(self, conn: _sql.Connection) -> int:
+        """The schema version recorded in the database (0 when new)."""
+        ...
+
+    def write_version(self, conn: _sql.Connection, version: int) -> None:
+        """Record the schema version."""
+        ...
+
+
+class SQLiteBackend:
+    """The ``state.db`` file: the embedded default."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.bots = BotStore(self._transaction)
-        self.tokens = TokenStore(self._transaction)
-        self.instances = InstanceStore(self._transaction)
-        self.roles = RoleStore(self._transaction)
-        self.locks = locks.LockStore(self._transaction)
-
-    @classmethod
-    def open(cls, path: Path) -> Storage:
-        """Open ``path``, creating it (mode 0600) and migrating its schema as needed."""
-        # Create the file ourselves so it is 0600 from the start; SQLite gives
-        # its -wal and -shm files the same mode as the database.
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-        storage = cls(path)
-        storage._migrate()
-        return storage
+        self.location = str(path)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -141,12 +158,15 @@ class Storage:
         return conn
 
     @contextmanager
-    def _transaction(self, *, write: bool = False) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, write: bool = False) -> Iterator[_sql.Connection]:
+        """One transaction; a write one starts with ``BEGIN IMMEDIATE``."""
         conn = self._connect()
         try:
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
-                yield conn
+                yield _sql.Connection(
+                    conn, postgres=False, integrity_errors=(sqlite3.IntegrityError,)
+                )
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
@@ -154,19 +174,79 @@ class Storage:
         finally:
             conn.close()
 
-    def _migrate(self) -> None:
+    def prepare(self) -> None:
+        """Switch the file to WAL, a property of the file that must be set outside a transaction."""
         conn = self._connect()
         try:
-            # WAL is a property of the file; it must be set outside a transaction.
             conn.execute("PRAGMA journal_mode = WAL")
         finally:
             conn.close()
+
+    def read_version(self, conn: _sql.Connection) -> int:
+        """``PRAGMA user_version``."""
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def write_version(self, conn: _sql.Connection, version: int) -> None:
+        """Set ``PRAGMA user_version``."""
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+def is_postgres_url(storage: str) -> bool:
+    """True when ``--storage`` names a PostgreSQL database rather than the default SQLite."""
+    return storage.startswith(("postgres://", "postgresql://"))
+
+
+class Storage:
+    """The auth service's state; each table is reached through an attribute."""
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.path = backend.path if isinstance(backend, SQLiteBackend) else None
+        self.bots = BotStore(self._transaction)
+        self.tokens = TokenStore(self._transaction)
+        self.instances = InstanceStore(self._transaction)
+        self.roles = RoleStore(self._transaction)
+        self.locks = locks.LockStore(self._transaction)
+        self.cert_authorities = CAStore(self._transaction)
+
+    @classmethod
+    def open(cls, path: Path) -> Storage:
+        """Open the SQLite file ``path``, creating it (mode 0600) and migrating its schema."""
+        # Create the file ourselves so it is 0600 from the start; SQLite gives
+        # its -wal and -shm files the same mode as the database.
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        storage = cls(SQLiteBackend(path))
+        storage._migrate()
+        return storage
+
+    @classmethod
+    def open_postgres(cls, url: str) -> Storage:
+        """Open the PostgreSQL database ``url`` (``postgres://...``), migrating its schema.
+
+        Raises StorageUnavailable, without the password, when it cannot be reached.
+        """
+        from tbot_py.authservice._postgres import PostgresBackend
+
+        storage = cls(PostgresBackend(url))
+        storage._migrate()
+        return storage
+
+    @property
+    def postgres(self) -> bool:
+        """True when the state is in PostgreSQL."""
+        return self.path is None
+
+    def _transaction(self, *, write: bool = False) -> AbstractContextManager[_sql.Connection]:
+        return self.backend.transaction(write=write)
+
+    def _migrate(self) -> None:
+        self.backend.prepare()
         with self._transaction(write=True) as conn:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            version = self.backend.read_version(conn)
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
-                    f"state.db has schema version {version}, newer than this tbot-py "
-                    f"understands ({SCHEMA_VERSION}); upgrade tbot-py"
+                    f"{self.backend.location} has schema version {version}, newer than this "
+                    f"tbot-py understands ({SCHEMA_VERSION}); upgrade tbot-py"
                 )
             for step in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[step]:
@@ -175,26 +255,36 @@ class Storage:
                     else:
                         conn.execute(statement)
             if version != SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self.backend.write_version(conn, SCHEMA_VERSION)
 
     def schema_version(self) -> int:
-        """The schema version recorded in the file."""
+        """The schema version recorded in the database."""
         with self._transaction() as conn:
-            return int(conn.execute("PRAGMA user_version").fetchone()[0])
+            return self.backend.read_version(conn)
 
     # -- cluster metadata -------------------------------------------------------------
 
     def get_meta(self, key: str) -> str | None:
         """A cluster-wide setting, or None when unset."""
         with self._transaction() as conn:
-            row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return None if row is None else str(row[0])
+            return get_meta(conn, key)
 
     def set_meta(self, key: str, value: str) -> None:
         """Set a cluster-wide setting."""
         with self._transaction(write=True) as conn:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES (?, ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                (key, value),
-            )
+            set_meta(conn, key, value)
+
+
+def get_meta(conn: _sql.Connection, key: str) -> str | None:
+    """A cluster-wide setting, or None when unset, in a Storage transaction."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: _sql.Connection, key: str, value: str) -> None:
+    """Set a cluster-wide setting in a Storage transaction."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )

@@ -8,7 +8,6 @@ so one token admits at most one instance.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,7 +37,7 @@ class TokenRecord:
 
 
 def insert_token(
-    conn: sqlite3.Connection, token_hash: str, bot_name: str, expires: datetime, now: datetime
+    conn: _sql.Connection, token_hash: str, bot_name: str, expires: datetime, now: datetime
 ) -> None:
     """Store a join token by its hash for ``bot_name``, which the caller has checked exists."""
     try:
@@ -46,12 +45,12 @@ def insert_token(
             f"INSERT INTO join_tokens ({_COLUMNS}) VALUES (?, ?, ?, ?, ?)",  # noqa: S608
             (token_hash, bot_name, JOIN_METHOD_TOKEN, _sql.ts(expires), _sql.ts(now)),
         )
-    except sqlite3.IntegrityError:
+    except _sql.IntegrityError:
         # Only a hash collision of two random tokens could get here.
         raise AlreadyExists("join token already exists") from None
 
 
-def take_token(conn: sqlite3.Connection, token_hash: str, now: datetime) -> str | None:
+def take_token(conn: _sql.Connection, token_hash: str, now: datetime) -> str | None:
     """Delete the token joining by ``token_hash``; its bot's name, or None when it was not valid.
 
     An expired token is deleted too, and None returned; the caller raises

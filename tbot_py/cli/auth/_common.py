@@ -57,14 +57,40 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+_STORAGE_KEY = "tbot_py.auth.storage"
+
+
+def _remember_storage(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    ctx.meta[_STORAGE_KEY] = value or None
+
+
 def data_dir_option(func: Callable[P, R]) -> Callable[P, R]:
-    """The ``--data-dir`` option every command takes."""
+    """The ``--data-dir`` and ``--storage`` options every command takes.
+
+    ``--storage`` is not passed to the command; read it with :func:`storage_url`.
+    """
+    func = click.option(
+        "--storage",
+        envvar="TBOT_PY_AUTH_STORAGE",
+        default=None,
+        expose_value=False,
+        callback=_remember_storage,
+        metavar="postgres://USER@HOST:PORT/DB",
+        help="Keep the state and CAs in this PostgreSQL database, shared by replicas "
+        "[env TBOT_PY_AUTH_STORAGE; default: SQLite in --data-dir].",
+    )(func)
     return click.option(
         "--data-dir",
         required=True,
         type=click.Path(file_okay=False, path_type=Path),
         help="Directory holding the cluster's CA keys and state (created 0700 on first use).",
     )(func)
+
+
+def storage_url() -> str | None:
+    """The ``--storage`` URL of the running command, or None for SQLite in the data directory."""
+    value = click.get_current_context().meta.get(_STORAGE_KEY)
+    return str(value) if value else None
 
 
 def format_option(func: Callable[P, R]) -> Callable[P, R]:

@@ -14,6 +14,7 @@ from tbot_py.cli.auth._common import (
     format_option,
     print_json,
     print_table,
+    storage_url,
     user_errors,
     when,
 )
@@ -44,7 +45,7 @@ def bots_add(
     login_list = admin.parse_name_list(logins, "login")
     token_ttl = admin.parse_go_duration(ttl)
     admin.validate_bot_name(name)
-    cluster = open_cluster(data_dir)
+    cluster = open_cluster(data_dir, storage=storage_url())
     created = admin.add_bot(cluster, name, roles=role_list, logins=login_list, token_ttl=token_ttl)
     if output_format == "json":
         print_json(created.to_json())
@@ -63,7 +64,7 @@ def bots_ls(output_format: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
 
-    summaries = admin.list_bots(open_cluster(data_dir))
+    summaries = admin.list_bots(open_cluster(data_dir, storage=storage_url()))
     if output_format == "json":
         print_json(
             [
@@ -105,7 +106,7 @@ def bots_rm(name: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
 
-    admin.remove_bot(open_cluster(data_dir), name)
+    admin.remove_bot(open_cluster(data_dir, storage=storage_url()), name)
     click.echo(f'Bot "{name}" removed.')
 
 
@@ -125,7 +126,9 @@ def bots_update(
 
     add = admin.parse_name_list(add_roles, "role")
     remove = admin.parse_name_list(remove_roles, "role")
-    bot = admin.update_bot_roles(open_cluster(data_dir), name, add=add, remove=remove)
+    bot = admin.update_bot_roles(
+        open_cluster(data_dir, storage=storage_url()), name, add=add, remove=remove
+    )
     if output_format == "json":
         print_json({"bot_name": bot.name, "roles": list(bot.roles), "logins": list(bot.logins)})
         return
@@ -148,7 +151,7 @@ def instances_ls(name: str, output_format: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
 
-    instances = admin.list_instances(open_cluster(data_dir), name)
+    instances = admin.list_instances(open_cluster(data_dir, storage=storage_url()), name)
     if output_format == "json":
         print_json(
             [

@@ -12,6 +12,7 @@ from tbot_py.cli.auth._common import (
     format_option,
     print_json,
     print_table,
+    storage_url,
     user_errors,
     when,
 )
@@ -38,7 +39,7 @@ def locks_ls(output_format: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
 
-    records = admin.list_locks(open_cluster(data_dir))
+    records = admin.list_locks(open_cluster(data_dir, storage=storage_url()))
     now = datetime.now(UTC)
     if output_format == "json":
         print_json([_lock_json(lock, now) for lock in records])
@@ -88,7 +89,11 @@ def locks_add(
 
     lock_ttl = admin.parse_go_duration(ttl) if ttl is not None else None
     lock = admin.add_lock(
-        open_cluster(data_dir), bot=bot_name, instance=instance, message=message, ttl=lock_ttl
+        open_cluster(data_dir, storage=storage_url()),
+        bot=bot_name,
+        instance=instance,
+        message=message,
+        ttl=lock_ttl,
     )
     if output_format == "json":
         print_json(_lock_json(lock, datetime.now(UTC)))
@@ -107,7 +112,7 @@ def locks_rm(lock_id: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
 
-    removed = admin.remove_lock(open_cluster(data_dir), lock_id)
+    removed = admin.remove_lock(open_cluster(data_dir, storage=storage_url()), lock_id)
     click.echo(f"Lock {removed.id} on {removed.describe_target()} removed.")
 
 

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import click
 
-from tbot_py.cli.auth._common import data_dir_option, print_json, print_table, user_errors
+from tbot_py.cli.auth._common import (
+    data_dir_option,
+    print_json,
+    print_table,
+    storage_url,
+    user_errors,
+)
 
 
 @click.command(name="create")
@@ -26,7 +32,7 @@ def create(filename: Path, force: bool, data_dir: Path) -> None:
     from tbot_py.authservice.cluster import open_cluster
 
     role = admin.read_role_file(filename)  # before opening: a bad file changes nothing
-    replaced = admin.create_role(open_cluster(data_dir), role, force=force)
+    replaced = admin.create_role(open_cluster(data_dir, storage=storage_url()), role, force=force)
     click.echo(f'role "{role.name}" has been {"updated" if replaced else "created"}')
 
 
@@ -48,7 +54,7 @@ def get(resource: str, output_format: str, data_dir: Path) -> None:
     from tbot_py.config.duration import format_duration
 
     _, name = admin.parse_resource_ref(resource)
-    cluster = open_cluster(data_dir)
+    cluster = open_cluster(data_dir, storage=storage_url())
     if name is not None:
         role = admin.get_role(cluster, name)
         if output_format == "json":
@@ -91,5 +97,5 @@ def rm(resource: str, data_dir: Path) -> None:
     _, name = admin.parse_resource_ref(resource)
     if name is None:
         raise BadParameter("name the role to remove: role/NAME")
-    admin.delete_role(open_cluster(data_dir), name)
+    admin.delete_role(open_cluster(data_dir, storage=storage_url()), name)
     click.echo(f'role "{name}" has been deleted')

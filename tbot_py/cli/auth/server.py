@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from tbot_py.cli.auth._common import data_dir_option, user_errors
+from tbot_py.cli.auth._common import data_dir_option, storage_url, user_errors
 
 
 @click.command(name="start")
@@ -49,7 +49,14 @@ def start(
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    serve(data_dir, listen, cluster_name=cluster_name, public_addrs=public_addrs, join_rate=rate)
+    serve(
+        data_dir,
+        listen,
+        cluster_name=cluster_name,
+        public_addrs=public_addrs,
+        join_rate=rate,
+        storage=storage_url(),
+    )
 
 
 @click.command(name="ca-pin")
@@ -59,4 +66,4 @@ def ca_pin(data_dir: Path) -> None:
     """Print the CA pin clients pass as --ca-pin."""
     from tbot_py.authservice.cluster import read_ca_pin
 
-    click.echo(read_ca_pin(data_dir))
+    click.echo(read_ca_pin(data_dir, storage_url()))

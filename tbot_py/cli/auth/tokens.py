@@ -16,6 +16,7 @@ from tbot_py.cli.auth._common import (
     format_option,
     print_json,
     print_table,
+    storage_url,
     user_errors,
     when,
 )
@@ -51,7 +52,7 @@ def tokens_ls(output_format: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin, audit
     from tbot_py.authservice.cluster import open_cluster
 
-    records = admin.list_tokens(open_cluster(data_dir))
+    records = admin.list_tokens(open_cluster(data_dir, storage=storage_url()))
     now = datetime.now(UTC)
     if output_format == "json":
         print_json(
@@ -93,7 +94,7 @@ def tokens_rm(token_id: str, data_dir: Path) -> None:
     from tbot_py.authservice import admin, audit
     from tbot_py.authservice.cluster import open_cluster
 
-    removed = admin.remove_token(open_cluster(data_dir), token_id)
+    removed = admin.remove_token(open_cluster(data_dir, storage=storage_url()), token_id)
     click.echo(f'Token {audit.token_id(removed.token_hash)} of bot "{removed.bot_name}" removed.')
 
 
@@ -103,7 +104,7 @@ def issue_token(bot_name: str, ttl: str, output_format: str, data_dir: Path) -> 
     from tbot_py.authservice.cluster import open_cluster
 
     token_ttl = admin.parse_go_duration(ttl)
-    cluster = open_cluster(data_dir)
+    cluster = open_cluster(data_dir, storage=storage_url())
     issued = admin.add_token(cluster, bot_name, ttl=token_ttl)
     if output_format == "json":
         print_json(issued.to_json())

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tbot_py.authservice import admin
-from tbot_py.authservice.storage import Storage
+from tbot_py.authservice.storage import SQLiteBackend
 from tbot_py.client import wire
 from tbot_py.identity import keys
 
@@ -203,14 +203,14 @@ def test_checking_locks_is_one_indexed_query_per_call(
     client: AuthClient, joined: Issued, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     statements: list[str] = []
-    connect = Storage._connect
+    connect = SQLiteBackend._connect
 
-    def traced(storage: Storage) -> sqlite3.Connection:
-        conn = connect(storage)
+    def traced(backend: SQLiteBackend) -> sqlite3.Connection:
+        conn = connect(backend)
         conn.set_trace_callback(statements.append)
         return conn
 
-    monkeypatch.setattr(Storage, "_connect", traced)
+    monkeypatch.setattr(SQLiteBackend, "_connect", traced)
     calls = {
         "renew": lambda: client.renew(joined)[0],
         "certs": lambda: client.impersonate(joined)[0],

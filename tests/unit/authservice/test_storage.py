@@ -1,4 +1,8 @@
-"""SQLite state: bots, single-use hashed tokens, generation counters."""
+"""The state database: bots, single-use hashed tokens, generation counters.
+
+The ``storage`` fixture runs each test on SQLite and on PostgreSQL (a throwaway
+server, see tests/pg.py); tests that read the SQLite file use ``sqlite_storage``.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tbot_py.authservice import locks
 from tbot_py.authservice.bots_store import BotRecord
 from tbot_py.authservice.errors import (
     AccessDenied,
@@ -38,15 +43,32 @@ NOW = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 TOKEN = "0123456789abcdef0123456789abcdef"
 
 
-@pytest.fixture
-def storage(tmp_path: Path) -> Storage:
-    store = Storage.open(tmp_path / "state.db")
+def _with_bot_ci(store: Storage) -> Storage:
     store.bots.add(
         BotRecord(name="ci", roles=("access",), logins=("root",), created_at=NOW),
         token_hash=keys.token_hash(TOKEN),
         token_expires=NOW + timedelta(hours=1),
     )
     return store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Storage:
+    if request.param == "postgres":
+        return _with_bot_ci(Storage.open_postgres(request.getfixturevalue("postgres_dsn")))
+    return _with_bot_ci(Storage.open(tmp_path / "state.db"))
+
+
+@pytest.fixture
+def sqlite_storage(tmp_path: Path) -> Storage:
+    return _with_bot_ci(Storage.open(tmp_path / "state.db"))
+
+
+def _reopen(storage: Storage) -> Storage:
+    """The same database opened again, as a restarted server would."""
+    if storage.path is not None:
+        return Storage.open(storage.path)
+    return Storage(storage.backend)
 
 
 def test_new_database_is_private_and_at_the_current_schema_version(tmp_path: Path) -> None:
@@ -59,7 +81,7 @@ def test_new_database_is_private_and_at_the_current_schema_version(tmp_path: Pat
 
 
 def test_state_survives_reopening(storage: Storage) -> None:
-    reopened = Storage.open(storage.path)
+    reopened = _reopen(storage)
     bot = reopened.bots.get("ci")
     assert bot is not None
     assert (bot.roles, bot.logins, bot.created_at) == (("access",), ("root",), NOW)
@@ -74,7 +96,9 @@ def test_database_from_a_newer_version_is_refused(tmp_path: Path) -> None:
         Storage.open(path)
 
 
-def test_token_value_never_reaches_the_database(storage: Storage) -> None:
+def test_token_value_never_reaches_the_database(sqlite_storage: Storage) -> None:
+    storage = sqlite_storage
+    assert storage.path is not None
     for db_file in storage.path.parent.glob("state.db*"):  # the database, -wal and -shm
         assert TOKEN.encode() not in db_file.read_bytes()
     with sqlite3.connect(storage.path) as conn:
@@ -537,7 +561,7 @@ def test_roles_are_created_replaced_only_with_overwrite_read_and_deleted(
         storage.roles.put(second, NOW)
     assert storage.roles.get("dev") == first
     assert storage.roles.put(second, NOW, overwrite=True) is True
-    assert Storage.open(storage.path).roles.get("dev") == second
+    assert _reopen(storage).roles.get("dev") == second
     assert storage.roles.get_many(("dev", "nope", "access"))["dev"] == second
     assert set(storage.roles.get_many(("dev", "nope", "access"))) == {"dev", "access"}
     storage.roles.delete("dev")
@@ -648,3 +672,24 @@ def test_meta_values_can_be_set_and_replaced(storage: Storage) -> None:
     storage.set_meta("k", "v1")
     storage.set_meta("k", "v2")
     assert storage.get_meta("k") == "v2"
+
+
+def test_locks_are_stored_enforced_on_join_and_renewal_and_removed(storage: Storage) -> None:
+    storage.instances.join(keys.token_hash(TOKEN), instance_id="i-1", now=NOW)
+    lock = locks.new_lock(
+        locks.KIND_BOT_INSTANCE, "ci/i-1", "lost laptop", created_by="admin", now=NOW
+    )
+    storage.locks.add(lock)
+    expired = locks.new_lock(
+        locks.KIND_BOT, "ci", "old", created_by="admin", now=NOW, ttl=timedelta(seconds=1)
+    )
+    storage.locks.add(expired)
+    assert {stored.id for stored in storage.locks.list_all()} == {lock.id, expired.id}
+    with pytest.raises(Locked, match="lost laptop"):
+        _renew(storage, 1, now=NOW + timedelta(seconds=2))
+    with pytest.raises(NotFound, match="not found"):
+        storage.locks.add(locks.new_lock(locks.KIND_BOT, "nope", "x", created_by="a", now=NOW))
+    assert storage.locks.remove(lock.id) == lock
+    assert _renew(storage, 1, now=NOW + timedelta(seconds=2)).generation == 2
+    with pytest.raises(NotFound, match="no lock with id"):
+        storage.locks.remove(lock.id)

@@ -392,6 +392,10 @@ def test_reload_with_a_broken_config_keeps_the_running_services(
 
     async def scenario() -> None:
         await _until(lambda: "ready" in notifier.events, "READY", START_TIMEOUT)
+        # READY is sent inside the run; its next run is booked just after the run ends.
+        scheduler = daemon._scheduler
+        assert scheduler is not None
+        await _until(lambda: scheduler.get_job("a") is not None, "a's next run booked")
         tasks = dict(daemon._tasks)
         with caplog.at_level(logging.ERROR, logger="tbot_py.bot"):
             await daemon.reload()
@@ -399,8 +403,7 @@ def test_reload_with_a_broken_config_keeps_the_running_services(
         assert all(daemon._tasks[name] is task for name, task in tasks.items())
         assert daemon.config is config
         assert _healthy(daemon, BOT_TASK, "a")()
-        scheduler = daemon._scheduler
-        assert scheduler is not None and scheduler.get_job("a") is not None
+        assert scheduler.get_job("a") is not None
 
     _drive(daemon, scenario)
 
