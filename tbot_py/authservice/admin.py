@@ -1,11 +1,13 @@
 """Admin operations on a cluster's state: roles, bots, bot instances, join tokens and locks.
 
-They work on the data directory directly; the server need not run. A join
+The admin commands call them on the data directory directly (the server need
+not run); the server's admin API (:mod:`.admin_api`) calls the same functions. A join
 token value exists only in the returned :class:`IssuedToken`, which the caller
 shows once; the database keeps its SHA-256.
 
 Every change is recorded in the audit log with one call after it succeeded,
-e.g. ``audit.emit(cluster, "admin.role.create", resource=f"role/{name}")``.
+e.g. ``audit.emit(cluster, "admin.role.create", resource=f"role/{name}")``; the
+actor is the local OS user, or the remote admin set by ``audit.acting_as``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from tbot_py.authservice import audit, locks
+from tbot_py.authservice import audit, ca, locks
 from tbot_py.authservice.bots_store import BotRecord, BotSummary
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AlreadyExists, BadParameter, NotFound
@@ -30,6 +32,7 @@ from tbot_py.client.wire import format_time
 from tbot_py.config._checks import read_text_file
 from tbot_py.config.duration import InvalidDurationError, parse_duration
 from tbot_py.identity import keys
+from tbot_py.identity.identityfile import host_ca_line, render_identity_file
 
 DEFAULT_TOKEN_TTL = timedelta(hours=1)
 DEFAULT_LOCK_MESSAGE = "locked by an administrator"
@@ -78,6 +81,45 @@ class NewBot:
             "token_expires": format_time(self.token.expires),
             "join_method": self.token.join_method,
         }
+
+
+def bot_summary_json(summary: BotSummary) -> dict[str, Any]:
+    """One bot in ``bots ls --format json`` (and the admin API)."""
+    bot = summary.bot
+    return {
+        "bot_name": bot.name,
+        "roles": list(bot.roles),
+        "logins": list(bot.logins),
+        "instances": summary.instance_count,
+        "created": format_time(bot.created_at.replace(microsecond=0)),
+    }
+
+
+def token_json(record: TokenRecord, now: datetime) -> dict[str, Any]:
+    """One join token in ``tokens ls --format json``: its short id, never the token or hash."""
+    return {
+        "id": audit.token_id(record.token_hash),
+        "bot_name": record.bot_name,
+        "join_method": record.join_method,
+        "expires": format_time(record.expires_at.replace(microsecond=0)),
+        "expired": record.expires_at <= now,
+    }
+
+
+def lock_json(lock: Lock, now: datetime) -> dict[str, Any]:
+    """A lock in ``locks ls`` and ``locks add`` JSON."""
+    return {
+        "id": lock.id,
+        "target_kind": lock.target_kind,
+        "target": lock.target,
+        "message": lock.message,
+        "created_by": lock.created_by,
+        "created": format_time(lock.created_at.replace(microsecond=0)),
+        "expires": None
+        if lock.expires_at is None
+        else format_time(lock.expires_at.replace(microsecond=0)),
+        "expired": not lock.in_force(now),
+    }
 
 
 def parse_go_duration(text: str) -> timedelta:
@@ -288,7 +330,7 @@ def add_lock(
     if ttl is not None and ttl < timedelta(seconds=1):
         raise BadParameter("lock TTL must be at least 1s")
     now = now or datetime.now(UTC)
-    user = str(audit.local_admin_actor()["user"])
+    user = str(audit.admin_actor()["user"])
     lock = locks.new_lock(kind, target, text, created_by=user, now=now, ttl=ttl)
     cluster.storage.locks.add(lock)
     audit.emit(
@@ -318,6 +360,28 @@ def remove_lock(cluster: Cluster, lock_id: str) -> Lock:
         cluster, "admin.lock.rm", resource=f"lock/{removed.id}", details=audit.lock_details(removed)
     )
     return removed
+
+
+def admin_username(os_user: str) -> str:
+    """The user an admin identity names: ``admin-<os user>``."""
+    return f"admin-{os_user}"
+
+
+def render_admin_identity(
+    cas: ca.ClusterCAs, os_user: str, private_key: keys.PrivateKey, *, now: datetime
+) -> bytes:
+    """A tsh identity file for ``admin-<os_user>``, valid 12h, trusted by the admin API.
+
+    Pure: the caller generates ``private_key`` and writes the result (0600).
+    """
+    certs = ca.issue_admin_identity(cas, admin_username(os_user), private_key.public_key(), now=now)
+    return render_identity_file(
+        private_key_pem=keys.private_key_pem(private_key),
+        ssh_cert=certs.ssh,
+        tls_cert_pem=certs.tls,
+        ssh_ca_lines=[host_ca_line(cas.cluster_name, cas.host.ssh_public_key_line)],
+        tls_ca_pems=list(cas.tls_ca_certs),
+    )
 
 
 def parse_resource_ref(text: str) -> tuple[str, str | None]:

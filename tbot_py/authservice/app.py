@@ -8,6 +8,7 @@ Endpoints (shapes in :mod:`tbot_py.client.wire`):
   source address (:mod:`.ratelimit`).
 * ``POST /v1/bot/renew``, ``POST /v1/bot/certs``, ``GET /v1/bot/cas``: mTLS with
   the bot's own (renewable, not impersonated) certificate.
+* ``/v1/admin/...``: the admin commands, mTLS with an admin certificate (:mod:`.admin_api`).
 
 Every authenticated call is refused with 403 while a lock is in force on the
 bot or the instance, and a renewal that presents the wrong generation locks
@@ -37,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import tbot_py
 from tbot_py.authservice import audit, ca, rbac
+from tbot_py.authservice.admin_api import AdminAPI, add_admin_routes
 from tbot_py.authservice.bots_store import BotRecord
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import (
@@ -395,6 +397,7 @@ def create_app(
     app.router.add_post(wire.PATH_RENEW, api.renew)
     app.router.add_post(wire.PATH_CERTS, api.certs)
     app.router.add_get(wire.PATH_CAS, api.cas)
+    add_admin_routes(app, AdminAPI(cluster, clock, _read_json))
     return app
 
 

@@ -33,6 +33,7 @@ import pwd
 import stat
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,9 @@ FOLLOW_POLL_S = 0.5
 _MAX_TEXT = 512  # any single string value; a long message is clipped, not dropped
 _HARD_CLIP = 64  # six such values, each character escaped to six bytes, still fit a line
 _LOCAL_ADMIN = "local"
+_REMOTE_ADMIN = "remote"
+# Set while the server's admin API runs an admin.py function for a remote admin.
+_admin_actor: ContextVar[dict[str, str | int] | None] = ContextVar("admin_actor", default=None)
 _READ_CHUNK = 1 << 20
 
 
@@ -111,6 +115,26 @@ def local_admin_actor() -> dict[str, str | int]:
     except KeyError:  # no passwd entry, e.g. in a container
         user = str(uid)
     return {"admin": _LOCAL_ADMIN, "user": user, "uid": uid}
+
+
+def remote_admin_actor(user: str) -> dict[str, str | int]:
+    """The actor of an admin change made through the server's admin API by ``user`` (cert CN)."""
+    return {"admin": _REMOTE_ADMIN, "user": user}
+
+
+def admin_actor() -> dict[str, str | int]:
+    """Who is making the current admin change: the remote admin, or else the local OS user."""
+    return _admin_actor.get() or local_admin_actor()
+
+
+@contextmanager
+def acting_as(actor: dict[str, str | int]) -> Iterator[None]:
+    """Attribute the admin changes made inside the block (by :func:`emit`) to ``actor``."""
+    token = _admin_actor.set(actor)
+    try:
+        yield
+    finally:
+        _admin_actor.reset(token)
 
 
 @dataclass(frozen=True)
@@ -215,7 +239,7 @@ def emit(
     details: Mapping[str, str | int | bool] | None = None,
     now: datetime | None = None,
 ) -> None:
-    """Record a successful admin change to ``cluster``, made by the local OS user.
+    """Record a successful admin change to ``cluster``, made by :func:`admin_actor`.
 
     ``event`` is ``admin.<kind>.<operation>`` (``admin.bot.add``) and
     ``resource`` is ``<kind>/<name>`` (``bot/ci``); ``now`` is the time of the
@@ -227,7 +251,7 @@ def emit(
             event=event,
             success=True,
             code=0,
-            actor=local_admin_actor(),
+            actor=admin_actor(),
             resource=resource,
             details=details or {},
         )

@@ -272,6 +272,27 @@ def issue_impersonated_identity(
     return _issue_user_identity(cas, identity, public_key, expires=expires, now=now)
 
 
+#: The X.509 group (subject O) that lets a certificate call the admin API.
+ADMIN_GROUP = "tbot-py-admin"
+#: How long an admin identity written by ``auth start --write-admin-identity`` lasts.
+ADMIN_IDENTITY_TTL = timedelta(hours=12)
+
+
+def issue_admin_identity(
+    cas: ClusterCAs, username: str, public_key: keys.PublicKey, *, now: datetime
+) -> Certs:
+    """A 12h admin identity for ``username``: group ``tbot-py-admin``, not renewable, no bot."""
+    identity = TLSIdentity(
+        username=username,
+        groups=(ADMIN_GROUP,),
+        principals=(username,),
+        route_to_cluster=cas.cluster_name,
+        teleport_cluster=cas.cluster_name,
+    )
+    expires = (now + ADMIN_IDENTITY_TTL).replace(microsecond=0)
+    return _issue_user_identity(cas, identity, public_key, expires=expires, now=now)
+
+
 def _traits(bot: BotProfile) -> dict[str, list[str]] | None:
     return None if bot.traits is None else {k: list(v) for k, v in bot.traits.items()}
 

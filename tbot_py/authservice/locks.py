@@ -38,6 +38,11 @@ CREATED_BY_AUTH = "auth"
 _COLUMNS = "id, target_kind, target, message, created_at, created_by, expires_at"
 
 
+def describe_target(target_kind: str, target: str) -> str:
+    """``bot ci`` or ``bot instance ci/9f0c...``: a lock target as messages name it."""
+    return f"{target_kind.replace('_', ' ')} {target}"
+
+
 @dataclass(frozen=True)
 class Lock:
     """One lock. ``expires_at`` None means until it is removed."""
@@ -61,7 +66,7 @@ class Lock:
 
     def describe_target(self) -> str:
         """``bot ci`` or ``bot instance ci/9f0c...``."""
-        return f"{self.target_kind.replace('_', ' ')} {self.target}"
+        return describe_target(self.target_kind, self.target)
 
     def denial(self) -> str:
         """The message of the 403 a locked caller gets.

@@ -1,4 +1,4 @@
-"""The mTLS caller check: only a bot's own, current, renewable certificate from this cluster.
+"""The mTLS caller checks: a bot's own renewable certificate, or an admin certificate.
 
 The bot endpoints of :mod:`.app` (renew, certs, cas) call
 :func:`check_bot_certificate` on the client certificate TLS has already
@@ -26,13 +26,24 @@ class BotCaller:
     not_after: datetime
 
 
-def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
-    """Accept only the bot's own, current, renewable certificate from this cluster.
+def check_admin_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> TLSIdentity:
+    """Accept only a current admin certificate of this cluster: group ``tbot-py-admin``, no bot.
 
-    TLS has already verified the chain against the user CA; this repeats the
-    signature and validity checks with ``now`` so the rules do not depend on
-    the TLS configuration, then checks the identity. Raises AccessDenied.
+    Same chain and validity checks as :func:`check_bot_certificate`. Raises AccessDenied.
     """
+    cert = _verified_client_certificate(der, cas, now)
+    identity = TLSIdentity.from_subject(cert.subject)
+    if identity.bot_name or identity.bot_instance_id or identity.impersonator:
+        raise AccessDenied("bot certificates can not call the admin API; use an admin identity")
+    if ca.ADMIN_GROUP not in identity.groups or not identity.username:
+        raise AccessDenied(f"client certificate is not in the {ca.ADMIN_GROUP} group")
+    return identity
+
+
+def _verified_client_certificate(
+    der: bytes | None, cas: ca.ClusterCAs, now: datetime
+) -> x509.Certificate:
+    """The client certificate, once signed by the user CA and valid at ``now``."""
     if not der:
         raise AccessDenied("client certificate required")
     try:
@@ -42,6 +53,17 @@ def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) 
         raise AccessDenied("client certificate was not issued by this cluster") from None
     if now < cert.not_valid_before_utc or now >= cert.not_valid_after_utc:
         raise AccessDenied("client certificate has expired or is not yet valid")
+    return cert
+
+
+def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
+    """Accept only the bot's own, current, renewable certificate from this cluster.
+
+    TLS has already verified the chain against the user CA; this repeats the
+    signature and validity checks with ``now`` so the rules do not depend on
+    the TLS configuration, then checks the identity. Raises AccessDenied.
+    """
+    cert = _verified_client_certificate(der, cas, now)
     identity = TLSIdentity.from_subject(cert.subject)
     if identity.impersonator:
         raise AccessDenied(

@@ -158,6 +158,22 @@ async def _run(
         listener.sock.close()
 
 
+def write_admin_identity(cluster: Cluster, path: Path) -> None:
+    """Write a fresh 12h admin identity for the OS user running us to ``path`` (0600, atomic)."""
+    from tbot_py.authservice import admin, audit
+    from tbot_py.destinations.directory import DirectoryDestination
+    from tbot_py.identity import keys
+
+    os_user = str(audit.local_admin_actor()["user"])
+    data = admin.render_admin_identity(
+        cluster.cas, os_user, keys.generate_private_key(), now=utc_now()
+    )
+    destination = DirectoryDestination(path.parent)
+    destination.init()
+    destination.write(path.name, data)
+    log.info("wrote the admin identity of %s to %s", admin.admin_username(os_user), path)
+
+
 def serve(
     data_dir: Path,
     listen: str,
@@ -166,6 +182,7 @@ def serve(
     public_addrs: Sequence[str] = (),
     join_rate: Rate = DEFAULT_JOIN_RATE,
     storage: str | None = None,
+    admin_identity: Path | None = None,
 ) -> None:
     """Run the auth service in the foreground until SIGTERM or SIGINT.
 
@@ -173,9 +190,12 @@ def serve(
     on stdout. Raises AuthServiceError for a bad address or data directory.
     ``join_rate`` limits join attempts per source address; ``storage``, a
     ``postgres://`` URL, shares the state and CAs with other replicas.
+    ``admin_identity``, when set, gets a fresh admin identity file on every start.
     """
     cluster = open_cluster(data_dir, cluster_name=cluster_name, storage=storage)
     listener = _Listener(listen, public_addrs)
+    if admin_identity is not None:
+        write_admin_identity(cluster, admin_identity)
 
     def ready(addr: str) -> None:
         sys.stdout.write(json.dumps({"addr": addr, "ca_pin": cluster.ca_pin}) + "\n")

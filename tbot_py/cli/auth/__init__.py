@@ -1,7 +1,8 @@
 """``tbot-py auth ...``: run the auth service and administer its roles, bots, tokens and locks.
 
-The admin commands work on the data directory directly; the server need not
-run. Every user error is one ``ERROR: ...`` line on stderr with exit code 1.
+The admin commands work on the data directory directly (the server need not
+run), or on a running server's admin API with ``--auth-server H:P -i FILE``
+(:mod:`.remote`). Every user error is one ``ERROR: ...`` line on stderr with exit code 1.
 The only secret ever printed is a join token the command has just created.
 
 This module defines the ``auth`` group; each concern has its own module:

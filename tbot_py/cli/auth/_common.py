@@ -18,6 +18,8 @@ import click
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from tbot_py.cli.auth.remote import RemoteAdmin
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -64,12 +66,8 @@ def _remember_storage(ctx: click.Context, _param: click.Parameter, value: str | 
     ctx.meta[_STORAGE_KEY] = value or None
 
 
-def data_dir_option(func: Callable[P, R]) -> Callable[P, R]:
-    """The ``--data-dir`` and ``--storage`` options every command takes.
-
-    ``--storage`` is not passed to the command; read it with :func:`storage_url`.
-    """
-    func = click.option(
+def _storage_option(func: Callable[P, R]) -> Callable[P, R]:
+    return click.option(
         "--storage",
         envvar="TBOT_PY_AUTH_STORAGE",
         default=None,
@@ -79,12 +77,93 @@ def data_dir_option(func: Callable[P, R]) -> Callable[P, R]:
         help="Keep the state and CAs in this PostgreSQL database, shared by replicas "
         "[env TBOT_PY_AUTH_STORAGE; default: SQLite in --data-dir].",
     )(func)
+
+
+def data_dir_option(func: Callable[P, R]) -> Callable[P, R]:
+    """The ``--data-dir`` and ``--storage`` options every command takes.
+
+    ``--storage`` is not passed to the command; read it with :func:`storage_url`.
+    """
+    func = _storage_option(func)
     return click.option(
         "--data-dir",
         required=True,
         type=click.Path(file_okay=False, path_type=Path),
         help="Directory holding the cluster's CA keys and state (created 0700 on first use).",
     )(func)
+
+
+_AUTH_SERVER_KEY = "tbot_py.auth.auth_server"
+_IDENTITY_KEY = "tbot_py.auth.identity"
+
+
+def _remember(key: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def callback(ctx: click.Context, _param: click.Parameter, value: Any) -> None:
+        ctx.meta[key] = value or None
+
+    return callback
+
+
+def admin_target_option(func: Callable[P, R]) -> Callable[P, R]:
+    """Where an admin command acts: ``--data-dir``/``--storage``, or ``--auth-server`` and ``-i``.
+
+    ``data_dir`` is passed (None when not given); the command calls
+    :func:`remote_admin` first, then :func:`local_data_dir` when that is None.
+    """
+    func = click.option(
+        "-i",
+        "--identity",
+        default=None,
+        expose_value=False,
+        callback=_remember(_IDENTITY_KEY),
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Admin identity file (auth start --write-admin-identity); with --auth-server.",
+    )(func)
+    func = click.option(
+        "--auth-server",
+        default=None,
+        expose_value=False,
+        callback=_remember(_AUTH_SERVER_KEY),
+        metavar="HOST:PORT",
+        help="Act on this running auth service over mTLS instead of --data-dir.",
+    )(func)
+    func = _storage_option(func)
+    return click.option(
+        "--data-dir",
+        default=None,
+        type=click.Path(file_okay=False, path_type=Path),
+        help="Directory holding the cluster's CA keys and state (created 0700 on first use).",
+    )(func)
+
+
+def remote_admin() -> RemoteAdmin | None:
+    """The admin API client when ``--auth-server`` and ``-i`` were given, else None."""
+    ctx = click.get_current_context()
+    server, identity = ctx.meta.get(_AUTH_SERVER_KEY), ctx.meta.get(_IDENTITY_KEY)
+    if server is None and identity is None:
+        return None
+    if server is None or identity is None:
+        raise UserError("--auth-server and -i/--identity go together; give both")
+    if ctx.params.get("data_dir") is not None or ctx.meta.get(_STORAGE_KEY):
+        raise UserError(
+            "--auth-server/-i and --data-dir/--storage are mutually exclusive; give one of them"
+        )
+    from tbot_py.cli.auth.remote import RemoteAdmin
+
+    return RemoteAdmin.from_file(str(server), Path(identity))
+
+
+def local_data_dir(data_dir: Path | None) -> Path:
+    """``--data-dir`` of a command run locally; one ERROR line when it is missing or remote."""
+    ctx = click.get_current_context()
+    if ctx.meta.get(_AUTH_SERVER_KEY) is not None or ctx.meta.get(_IDENTITY_KEY) is not None:
+        raise UserError(
+            f"'{ctx.command_path}' is not supported with --auth-server yet; "
+            "run it on the auth service's host with --data-dir"
+        )
+    if data_dir is None:
+        raise UserError("give --data-dir DIR, or --auth-server HOST:PORT -i FILE")
+    return data_dir
 
 
 def storage_url() -> str | None:

@@ -6,16 +6,22 @@ from pathlib import Path
 
 import click
 
-from tbot_py.cli.auth._common import data_dir_option, format_option, print_json, user_errors
+from tbot_py.cli.auth._common import (
+    admin_target_option,
+    format_option,
+    local_data_dir,
+    print_json,
+    user_errors,
+)
 
 
 @click.command(name="audit")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing events as they are written.")
 @click.option("--since", default=None, help="Only events from this long ago on (e.g. 1h, 30m).")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
-def audit_log(follow: bool, since: str | None, output_format: str, data_dir: Path) -> None:
+def audit_log(follow: bool, since: str | None, output_format: str, data_dir: Path | None) -> None:
     """Print the audit log: one event per line, as text or as the stored JSON."""
     import time
     from datetime import UTC, datetime
@@ -23,6 +29,7 @@ def audit_log(follow: bool, since: str | None, output_format: str, data_dir: Pat
     from tbot_py.authservice import admin, audit
     from tbot_py.authservice.errors import BadParameter, ClusterNotInitialized
 
+    data_dir = local_data_dir(data_dir)
     try:
         cutoff = datetime.now(UTC) - admin.parse_go_duration(since) if since else None
     except BadParameter as exc:

@@ -10,10 +10,12 @@ from pathlib import Path
 import click
 
 from tbot_py.cli.auth._common import (
-    data_dir_option,
+    admin_target_option,
     format_option,
+    local_data_dir,
     print_json,
     print_table,
+    remote_admin,
     storage_url,
     user_errors,
     when,
@@ -32,81 +34,92 @@ def bots() -> None:
 @click.option("--logins", default="", help="Comma-separated SSH logins.")
 @click.option("--ttl", default="1h", show_default=True, help="Join token lifetime (Go duration).")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
 def bots_add(
-    *, name: str, roles: str, logins: str, ttl: str, output_format: str, data_dir: Path
+    *, name: str, roles: str, logins: str, ttl: str, output_format: str, data_dir: Path | None
 ) -> None:
     """Create bot NAME and a single-use join token for it."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
     role_list = admin.parse_name_list(roles, "role")
     login_list = admin.parse_name_list(logins, "login")
     token_ttl = admin.parse_go_duration(ttl)
     admin.validate_bot_name(name)
-    cluster = open_cluster(data_dir, storage=storage_url())
-    created = admin.add_bot(cluster, name, roles=role_list, logins=login_list, token_ttl=token_ttl)
+    remote = remote_admin()
+    if remote is not None:
+        body = {"name": name, "roles": list(role_list), "logins": list(login_list), "ttl": ttl}
+        doc = remote.call("POST", "bots", body)
+        pin = remote.ca_pin
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        created = admin.add_bot(
+            cluster, name, roles=role_list, logins=login_list, token_ttl=token_ttl
+        )
+        doc, pin = created.to_json(), cluster.ca_pin
     if output_format == "json":
-        print_json(created.to_json())
+        print_json(doc)
         return
-    click.echo(f'Bot "{name}" created with roles: {", ".join(created.bot.roles)}')
-    click.echo(f"SSH logins: {', '.join(created.bot.logins) or '(none)'}")
-    print_token_text(created.token, cluster.ca_pin)
+    click.echo(f'Bot "{name}" created with roles: {", ".join(doc["roles"])}')
+    click.echo(f"SSH logins: {', '.join(doc['logins']) or '(none)'}")
+    print_token_text(doc, pin)
 
 
 @bots.command(name="ls")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
-def bots_ls(output_format: str, data_dir: Path) -> None:
+def bots_ls(output_format: str, data_dir: Path | None) -> None:
     """List bots with their roles, logins and number of joined instances."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
-    summaries = admin.list_bots(open_cluster(data_dir, storage=storage_url()))
+    remote = remote_admin()
+    if remote is not None:
+        docs = remote.call("GET", "bots")
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        docs = [admin.bot_summary_json(s) for s in admin.list_bots(cluster)]
     if output_format == "json":
-        print_json(
-            [
-                {
-                    "bot_name": s.bot.name,
-                    "roles": list(s.bot.roles),
-                    "logins": list(s.bot.logins),
-                    "instances": s.instance_count,
-                    "created": when(s.bot.created_at),
-                }
-                for s in summaries
-            ]
-        )
+        print_json(docs)
         return
-    if not summaries:
+    if not docs:
         click.echo("No bots.")
         return
     print_table(
         ("NAME", "ROLES", "LOGINS", "INSTANCES", "CREATED"),
         [
             (
-                s.bot.name,
-                ",".join(s.bot.roles),
-                ",".join(s.bot.logins) or "-",
-                str(s.instance_count),
-                when(s.bot.created_at),
+                d["bot_name"],
+                ",".join(d["roles"]),
+                ",".join(d["logins"]) or "-",
+                str(d["instances"]),
+                d["created"],
             )
-            for s in summaries
+            for d in docs
         ],
     )
 
 
 @bots.command(name="rm")
 @click.argument("name")
-@data_dir_option
+@admin_target_option
 @user_errors
-def bots_rm(name: str, data_dir: Path) -> None:
+def bots_rm(name: str, data_dir: Path | None) -> None:
     """Remove bot NAME with its join tokens and instances."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
-    admin.remove_bot(open_cluster(data_dir, storage=storage_url()), name)
+    remote = remote_admin()
+    if remote is not None:
+        admin.validate_bot_name(name)
+        remote.call("DELETE", f"bots/{name}")
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        admin.remove_bot(open_cluster(local_data_dir(data_dir), storage=storage_url()), name)
     click.echo(f'Bot "{name}" removed.')
 
 
@@ -115,10 +128,10 @@ def bots_rm(name: str, data_dir: Path) -> None:
 @click.option("--add-roles", default="", help="Comma-separated existing roles to add.")
 @click.option("--remove-roles", default="", help="Comma-separated roles to take away.")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
 def bots_update(
-    name: str, add_roles: str, remove_roles: str, output_format: str, data_dir: Path
+    name: str, add_roles: str, remove_roles: str, output_format: str, data_dir: Path | None
 ) -> None:
     """Change the roles of bot NAME; it keeps at least one."""
     from tbot_py.authservice import admin
@@ -127,7 +140,7 @@ def bots_update(
     add = admin.parse_name_list(add_roles, "role")
     remove = admin.parse_name_list(remove_roles, "role")
     bot = admin.update_bot_roles(
-        open_cluster(data_dir, storage=storage_url()), name, add=add, remove=remove
+        open_cluster(local_data_dir(data_dir), storage=storage_url()), name, add=add, remove=remove
     )
     if output_format == "json":
         print_json({"bot_name": bot.name, "roles": list(bot.roles), "logins": list(bot.logins)})
@@ -144,14 +157,16 @@ def bots_instances() -> None:
 @bots_instances.command(name="ls")
 @click.argument("name")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
-def instances_ls(name: str, output_format: str, data_dir: Path) -> None:
+def instances_ls(name: str, output_format: str, data_dir: Path | None) -> None:
     """List the instances that joined as bot NAME."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
 
-    instances = admin.list_instances(open_cluster(data_dir, storage=storage_url()), name)
+    instances = admin.list_instances(
+        open_cluster(local_data_dir(data_dir), storage=storage_url()), name
+    )
     if output_format == "json":
         print_json(
             [
@@ -179,8 +194,8 @@ def instances_ls(name: str, output_format: str, data_dir: Path) -> None:
 @click.argument("name")
 @click.option("--ttl", default="1h", show_default=True, help="Token lifetime (Go duration).")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
-def instances_add(name: str, ttl: str, output_format: str, data_dir: Path) -> None:
+def instances_add(name: str, ttl: str, output_format: str, data_dir: Path | None) -> None:
     """Create a join token for a new instance of the existing bot NAME."""
     issue_token(name, ttl, output_format, data_dir)

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
+from urllib.parse import quote
 
 import click
 
 from tbot_py.cli.auth._common import (
-    data_dir_option,
+    admin_target_option,
     format_option,
+    local_data_dir,
     print_json,
     print_table,
+    remote_admin,
     storage_url,
     user_errors,
-    when,
 )
-
-if TYPE_CHECKING:
-    from datetime import datetime
-
-    from tbot_py.authservice.locks import Lock
 
 
 @click.group(name="locks")
@@ -30,36 +27,41 @@ def locks_group() -> None:
 
 @locks_group.command(name="ls")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
-def locks_ls(output_format: str, data_dir: Path) -> None:
+def locks_ls(output_format: str, data_dir: Path | None) -> None:
     """List locks, expired ones included, oldest first."""
-    from datetime import UTC, datetime
+    remote = remote_admin()
+    if remote is not None:
+        docs = remote.call("GET", "locks")
+    else:
+        from datetime import UTC, datetime
 
-    from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
+        from tbot_py.authservice import admin
+        from tbot_py.authservice.cluster import open_cluster
 
-    records = admin.list_locks(open_cluster(data_dir, storage=storage_url()))
-    now = datetime.now(UTC)
+        records = admin.list_locks(open_cluster(local_data_dir(data_dir), storage=storage_url()))
+        now = datetime.now(UTC)
+        docs = [admin.lock_json(lock, now) for lock in records]
     if output_format == "json":
-        print_json([_lock_json(lock, now) for lock in records])
+        print_json(docs)
         return
-    if not records:
+    if not docs:
         click.echo("No locks.")
         return
     print_table(
         ("ID", "KIND", "TARGET", "CREATED BY", "CREATED", "EXPIRES", "MESSAGE"),
         [
             (
-                lock.id,
-                lock.target_kind,
-                lock.target,
-                lock.created_by,
-                when(lock.created_at),
-                _lock_expiry(lock, now),
-                lock.message,
+                d["id"],
+                d["target_kind"],
+                d["target"],
+                d["created_by"],
+                d["created"],
+                _lock_expiry(d),
+                d["message"],
             )
-            for lock in records
+            for d in docs
         ],
     )
 
@@ -70,7 +72,7 @@ def locks_ls(output_format: str, data_dir: Path) -> None:
 @click.option("--message", default=None, help="Why; shown to the refused bot.")
 @click.option("--ttl", default=None, help="Lift the lock after this long (Go duration).")
 @format_option
-@data_dir_option
+@admin_target_option
 @user_errors
 def locks_add(
     *,
@@ -79,58 +81,66 @@ def locks_add(
     message: str | None,
     ttl: str | None,
     output_format: str,
-    data_dir: Path,
+    data_dir: Path | None,
 ) -> None:
     """Lock a bot (--bot NAME) or one bot instance (--instance BOT/ID)."""
     from datetime import UTC, datetime
 
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
     lock_ttl = admin.parse_go_duration(ttl) if ttl is not None else None
-    lock = admin.add_lock(
-        open_cluster(data_dir, storage=storage_url()),
-        bot=bot_name,
-        instance=instance,
-        message=message,
-        ttl=lock_ttl,
-    )
+    remote = remote_admin()
+    if remote is not None:
+        body = {"bot": bot_name, "instance": instance, "message": message, "ttl": ttl}
+        doc = remote.call("POST", "locks", body)
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        lock = admin.add_lock(
+            open_cluster(local_data_dir(data_dir), storage=storage_url()),
+            bot=bot_name,
+            instance=instance,
+            message=message,
+            ttl=lock_ttl,
+        )
+        doc = admin.lock_json(lock, datetime.now(UTC))
     if output_format == "json":
-        print_json(_lock_json(lock, datetime.now(UTC)))
+        print_json(doc)
         return
-    click.echo(f"Lock {lock.id} created on {lock.describe_target()}: {lock.message}")
-    until = "removed" if lock.expires_at is None else f"it expires at {when(lock.expires_at)}"
-    click.echo(f"It holds until {until}; remove it with tbot-py auth locks rm {lock.id}")
+    click.echo(f"Lock {doc['id']} created on {_describe_target(doc)}: {doc['message']}")
+    until = "removed" if doc["expires"] is None else f"it expires at {doc['expires']}"
+    click.echo(f"It holds until {until}; remove it with tbot-py auth locks rm {doc['id']}")
 
 
 @locks_group.command(name="rm")
 @click.argument("lock_id", metavar="ID")
-@data_dir_option
+@admin_target_option
 @user_errors
-def locks_rm(lock_id: str, data_dir: Path) -> None:
+def locks_rm(lock_id: str, data_dir: Path | None) -> None:
     """Remove the lock ID (from locks ls)."""
+    from datetime import UTC, datetime
+
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
-    removed = admin.remove_lock(open_cluster(data_dir, storage=storage_url()), lock_id)
-    click.echo(f"Lock {removed.id} on {removed.describe_target()} removed.")
+    remote = remote_admin()
+    if remote is not None:
+        doc = remote.call("DELETE", f"locks/{quote(lock_id, safe='')}")
+    else:
+        from tbot_py.authservice.cluster import open_cluster
 
-
-def _lock_json(lock: Lock, now: datetime) -> dict[str, object]:
-    """A lock in ``locks ls`` and ``locks add`` JSON."""
-    return {
-        "id": lock.id,
-        "target_kind": lock.target_kind,
-        "target": lock.target,
-        "message": lock.message,
-        "created_by": lock.created_by,
-        "created": when(lock.created_at),
-        "expires": None if lock.expires_at is None else when(lock.expires_at),
-        "expired": not lock.in_force(now),
-    }
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        doc = admin.lock_json(admin.remove_lock(cluster, lock_id), datetime.now(UTC))
+    click.echo(f"Lock {doc['id']} on {_describe_target(doc)} removed.")
 
 
-def _lock_expiry(lock: Lock, now: datetime) -> str:
-    if lock.expires_at is None:
+def _describe_target(doc: dict[str, Any]) -> str:
+    """``Lock.describe_target`` of a lock's JSON."""
+    from tbot_py.authservice.locks import describe_target
+
+    return describe_target(doc["target_kind"], doc["target"])
+
+
+def _lock_expiry(doc: dict[str, Any]) -> str:
+    if doc["expires"] is None:
         return "never"
-    return when(lock.expires_at) + ("" if lock.in_force(now) else " (expired)")
+    return str(doc["expires"]) + (" (expired)" if doc["expired"] else "")

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import quote
 
 import click
 
 from tbot_py.cli.auth._common import (
-    data_dir_option,
+    admin_target_option,
+    local_data_dir,
     print_json,
     print_table,
+    remote_admin,
     storage_url,
     user_errors,
 )
@@ -24,15 +27,23 @@ from tbot_py.cli.auth._common import (
     help="The role YAML file (kind: role).",
 )
 @click.option("--force", is_flag=True, help="Replace the role if it exists.")
-@data_dir_option
+@admin_target_option
 @user_errors
-def create(filename: Path, force: bool, data_dir: Path) -> None:
+def create(filename: Path, force: bool, data_dir: Path | None) -> None:
     """Create a role from a YAML file, or replace one with --force."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
     role = admin.read_role_file(filename)  # before opening: a bad file changes nothing
-    replaced = admin.create_role(open_cluster(data_dir, storage=storage_url()), role, force=force)
+    remote = remote_admin()
+    if remote is not None:
+        # The server parses it again; the text sent is what passed the check above.
+        doc = remote.call("POST", "roles", {"yaml": role.to_yaml(), "force": force})
+        replaced = bool(doc["replaced"])
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        replaced = admin.create_role(cluster, role, force=force)
     click.echo(f'role "{role.name}" has been {"updated" if replaced else "created"}')
 
 
@@ -45,23 +56,30 @@ def create(filename: Path, force: bool, data_dir: Path) -> None:
     default="text",
     help="text: YAML for role/NAME, a table for roles.",
 )
-@data_dir_option
+@admin_target_option
 @user_errors
-def get(resource: str, output_format: str, data_dir: Path) -> None:
+def get(resource: str, output_format: str, data_dir: Path | None) -> None:
     """Show role/NAME as YAML, or list every role (RESOURCE: roles)."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
     from tbot_py.config.duration import format_duration
 
     _, name = admin.parse_resource_ref(resource)
-    cluster = open_cluster(data_dir, storage=storage_url())
+    remote = remote_admin()
     if name is not None:
-        role = admin.get_role(cluster, name)
-        if output_format == "json":
-            print_json(role.to_json())
+        if remote is not None:
+            doc = remote.call("GET", f"roles/{quote(name, safe='')}")
+            role_json, role_yaml = doc["role"], str(doc["yaml"])
         else:
-            click.echo(role.to_yaml(), nl=False)
+            cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+            role = admin.get_role(cluster, name)
+            role_json, role_yaml = role.to_json(), role.to_yaml()
+        if output_format == "json":
+            print_json(role_json)
+        else:
+            click.echo(role_yaml, nl=False)
         return
+    cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
     roles = admin.list_roles(cluster)
     if output_format == "json":
         print_json([role.to_json() for role in roles])
@@ -86,9 +104,9 @@ def get(resource: str, output_format: str, data_dir: Path) -> None:
 
 @click.command(name="rm")
 @click.argument("resource")
-@data_dir_option
+@admin_target_option
 @user_errors
-def rm(resource: str, data_dir: Path) -> None:
+def rm(resource: str, data_dir: Path | None) -> None:
     """Delete role/NAME; refused while a bot uses it."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
@@ -97,5 +115,9 @@ def rm(resource: str, data_dir: Path) -> None:
     _, name = admin.parse_resource_ref(resource)
     if name is None:
         raise BadParameter("name the role to remove: role/NAME")
-    admin.delete_role(open_cluster(data_dir, storage=storage_url()), name)
+    remote = remote_admin()
+    if remote is not None:
+        remote.call("DELETE", f"roles/{quote(name, safe='')}")
+    else:
+        admin.delete_role(open_cluster(local_data_dir(data_dir), storage=storage_url()), name)
     click.echo(f'role "{name}" has been deleted')

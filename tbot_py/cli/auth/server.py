@@ -28,13 +28,23 @@ from tbot_py.cli.auth._common import data_dir_option, storage_url, user_errors
     help="Join attempts allowed per source address, as COUNT/UNIT (UNIT s, m or h); "
     "COUNT is also the burst.",
 )
+@click.option(
+    "--write-admin-identity",
+    "admin_identity",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="On every start, write a 12h admin identity file (0600) for the OS user here, "
+    "for admin commands with --auth-server and -i.",
+)
 @user_errors
 def start(
+    *,
     data_dir: Path,
     listen: str,
     cluster_name: str | None,
     public_addrs: tuple[str, ...],
     join_rate: str,
+    admin_identity: Path | None,
 ) -> None:
     """Serve the auth API over HTTPS until SIGTERM or SIGINT.
 
@@ -56,6 +66,7 @@ def start(
         public_addrs=public_addrs,
         join_rate=rate,
         storage=storage_url(),
+        admin_identity=admin_identity,
     )
 
 
