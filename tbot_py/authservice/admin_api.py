@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from tbot_py.authservice import admin, audit
 from tbot_py.authservice.cluster import Cluster
-from tbot_py.authservice.errors import BadParameter
+from tbot_py.authservice.errors import AccessDenied, BadParameter
 from tbot_py.authservice.mtls import check_admin_certificate
 from tbot_py.authservice.roles import parse_role_yaml
 from tbot_py.errors import ConfigError
@@ -40,10 +40,29 @@ class AdminAPI:
         self._read_json = read_json
 
     def _admin_user(self, request: web.Request) -> str:
-        """The admin calling, by certificate CN; AccessDenied (403) for anyone else."""
+        """The admin calling, by certificate CN; AccessDenied (403) for anyone else.
+
+        A refused caller is audited (``admin.api``, with what it was told): denials on
+        the admin API are exactly what an audit trail is for.
+        """
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        return check_admin_certificate(der, self.cluster.cas, self.clock()).username
+        try:
+            return check_admin_certificate(der, self.cluster.cas, self.clock()).username
+        except AccessDenied as exc:
+            audit.AuditLog(audit.audit_log_path(self.cluster.data_dir)).record(
+                audit.AuditEvent(
+                    time=datetime.now(UTC),
+                    event="admin.api",
+                    success=False,
+                    code=exc.status,
+                    actor={},
+                    remote_addr=request.remote,
+                    resource=f"{request.method} {request.path}",
+                    message=exc.message,
+                )
+            )
+            raise
 
     async def _run(self, request: web.Request, func: Callable[[], T]) -> T:
         """Check the caller, then run ``func`` in a thread with the caller as the audit actor."""

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from tbot_py.authservice import admin, ca
 from tbot_py.authservice.errors import AccessDenied
 from tbot_py.authservice.mtls import check_admin_certificate, check_bot_certificate
+from tbot_py.authservice.server import RunningAuthService
 from tbot_py.client import wire
 from tbot_py.identity import keys
 from tbot_py.identity.identityfile import parse_identity_file
@@ -247,3 +248,18 @@ def test_admin_api_refuses_a_bot_before_reading_a_bad_body(
 ) -> None:
     resp = client.request("POST", "/v1/admin/bots", identity=joined, content=b"not json")
     assert resp.status_code == 403
+
+
+def test_refused_admin_api_calls_are_audited(
+    client: AuthClient, joined: Issued, service: RunningAuthService
+) -> None:
+    client.request("GET", "/v1/admin/bots", identity=joined)
+    client.request("DELETE", "/v1/admin/bots/ci")
+    denials = [e for e in audit_events(service.data_dir) if e["event"] == "admin.api"]
+    assert [(d["resource"], d["code"], d["success"]) for d in denials] == [
+        ("GET /v1/admin/bots", 403, False),
+        ("DELETE /v1/admin/bots/ci", 403, False),
+    ]
+    assert "bot certificates can not call the admin API" in denials[0]["message"]
+    assert denials[1]["message"] == "client certificate required"
+    assert all(d["remote_addr"] == "127.0.0.1" for d in denials)
