@@ -95,6 +95,27 @@ def bot_summary_json(summary: BotSummary) -> dict[str, Any]:
     }
 
 
+def bot_json(bot: BotRecord) -> dict[str, Any]:
+    """A bot in ``bots update --format json`` (and the admin API)."""
+    return {"bot_name": bot.name, "roles": list(bot.roles), "logins": list(bot.logins)}
+
+
+def instance_json(instance: BotInstanceRecord) -> dict[str, Any]:
+    """One instance in ``bots instances ls --format json`` (and the admin API)."""
+    return {
+        "instance_id": instance.id,
+        "bot_name": instance.bot_name,
+        "generation": instance.generation,
+        "created": format_time(instance.created_at.replace(microsecond=0)),
+        "last_seen": format_time(instance.last_seen_at.replace(microsecond=0)),
+    }
+
+
+def removed_token_json(record: TokenRecord) -> dict[str, Any]:
+    """A removed join token, by its short id (``tokens rm`` over the admin API)."""
+    return {"id": audit.token_id(record.token_hash), "bot_name": record.bot_name}
+
+
 def token_json(record: TokenRecord, now: datetime) -> dict[str, Any]:
     """One join token in ``tokens ls --format json``: its short id, never the token or hash."""
     return {
@@ -248,11 +269,7 @@ def remove_token(cluster: Cluster, token_id: str) -> TokenRecord:
 
     Raises BadParameter for a malformed or ambiguous id, NotFound when none matches.
     """
-    prefix = token_id.strip().lower()
-    if not _TOKEN_ID_RE.match(prefix):
-        raise BadParameter(
-            f"invalid token id {token_id[:80]!r}: use the ID column of tbot-py auth tokens ls"
-        )
+    prefix = normalize_token_id(token_id)
     removed = cluster.storage.tokens.remove(prefix)
     audit.emit(
         cluster,
@@ -261,6 +278,16 @@ def remove_token(cluster: Cluster, token_id: str) -> TokenRecord:
         details={"bot": removed.bot_name},
     )
     return removed
+
+
+def normalize_token_id(token_id: str) -> str:
+    """A token id (or its first hex characters) in lower case; BadParameter when malformed."""
+    prefix = token_id.strip().lower()
+    if not _TOKEN_ID_RE.match(prefix):
+        raise BadParameter(
+            f"invalid token id {token_id[:80]!r}: use the ID column of tbot-py auth tokens ls"
+        )
+    return prefix
 
 
 def read_role_file(path: Path) -> Role:

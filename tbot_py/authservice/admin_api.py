@@ -102,6 +102,23 @@ class AdminAPI:
         await self._run(request, lambda: admin.remove_bot(self.cluster, name))
         return web.json_response({"bot_name": name})
 
+    async def update_bot(self, request: web.Request) -> web.Response:
+        """``PATCH bots/{name}`` {add_roles, remove_roles}: as ``bots update --format json``."""
+        name = request.match_info["name"]
+        body = await self._body(request)
+        add = admin.parse_name_list(",".join(_names(body, "add_roles")), "role")
+        remove = admin.parse_name_list(",".join(_names(body, "remove_roles")), "role")
+        bot = await self._run(
+            request, lambda: admin.update_bot_roles(self.cluster, name, add=add, remove=remove)
+        )
+        return web.json_response(admin.bot_json(bot))
+
+    async def list_instances(self, request: web.Request) -> web.Response:
+        """``GET bots/{name}/instances``: as ``bots instances ls --format json``."""
+        name = request.match_info["name"]
+        found = await self._run(request, lambda: admin.list_instances(self.cluster, name))
+        return web.json_response([admin.instance_json(i) for i in found])
+
     async def add_token(self, request: web.Request) -> web.Response:
         """``POST tokens`` {bot, ttl}: as ``tokens add --format json``."""
         body = await self._body(request)
@@ -115,6 +132,12 @@ class AdminAPI:
         records = await self._run(request, lambda: admin.list_tokens(self.cluster))
         now = self.clock()
         return web.json_response([admin.token_json(r, now) for r in records])
+
+    async def remove_token(self, request: web.Request) -> web.Response:
+        """``DELETE tokens/{id}``: {id, bot_name} of the removed token."""
+        token_id = request.match_info["id"]
+        removed = await self._run(request, lambda: admin.remove_token(self.cluster, token_id))
+        return web.json_response(admin.removed_token_json(removed))
 
     async def list_locks(self, request: web.Request) -> web.Response:
         """``GET locks``: as ``locks ls --format json``."""
@@ -158,6 +181,11 @@ class AdminAPI:
         )
         return web.json_response({"name": role.name, "replaced": replaced})
 
+    async def list_roles(self, request: web.Request) -> web.Response:
+        """``GET roles``: as ``get roles --format json``."""
+        roles = await self._run(request, lambda: admin.list_roles(self.cluster))
+        return web.json_response([role.to_json() for role in roles])
+
     async def get_role(self, request: web.Request) -> web.Response:
         """``GET roles/{name}``: {role: the JSON form, yaml: the YAML form}."""
         name = request.match_info["name"]
@@ -177,12 +205,16 @@ def add_admin_routes(app: web.Application, api: AdminAPI) -> None:
     router.add_get(f"{PREFIX}/bots", api.list_bots)
     router.add_post(f"{PREFIX}/bots", api.add_bot)
     router.add_delete(f"{PREFIX}/bots/{{name}}", api.remove_bot)
+    router.add_patch(f"{PREFIX}/bots/{{name}}", api.update_bot)
+    router.add_get(f"{PREFIX}/bots/{{name}}/instances", api.list_instances)
     router.add_post(f"{PREFIX}/tokens", api.add_token)
     router.add_get(f"{PREFIX}/tokens", api.list_tokens)
+    router.add_delete(f"{PREFIX}/tokens/{{id}}", api.remove_token)
     router.add_get(f"{PREFIX}/locks", api.list_locks)
     router.add_post(f"{PREFIX}/locks", api.add_lock)
     router.add_delete(f"{PREFIX}/locks/{{id}}", api.remove_lock)
     router.add_post(f"{PREFIX}/roles", api.create_role)
+    router.add_get(f"{PREFIX}/roles", api.list_roles)
     router.add_get(f"{PREFIX}/roles/{{name}}", api.get_role)
     router.add_delete(f"{PREFIX}/roles/{{name}}", api.delete_role)
 

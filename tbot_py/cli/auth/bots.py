@@ -18,7 +18,6 @@ from tbot_py.cli.auth._common import (
     remote_admin,
     storage_url,
     user_errors,
-    when,
 )
 from tbot_py.cli.auth.tokens import issue_token, print_token_text
 
@@ -135,17 +134,23 @@ def bots_update(
 ) -> None:
     """Change the roles of bot NAME; it keeps at least one."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
     add = admin.parse_name_list(add_roles, "role")
     remove = admin.parse_name_list(remove_roles, "role")
-    bot = admin.update_bot_roles(
-        open_cluster(local_data_dir(data_dir), storage=storage_url()), name, add=add, remove=remove
-    )
+    remote = remote_admin()
+    if remote is not None:
+        admin.validate_bot_name(name)
+        body = {"add_roles": list(add), "remove_roles": list(remove)}
+        doc = remote.call("PATCH", f"bots/{name}", body)
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        doc = admin.bot_json(admin.update_bot_roles(cluster, name, add=add, remove=remove))
     if output_format == "json":
-        print_json({"bot_name": bot.name, "roles": list(bot.roles), "logins": list(bot.logins)})
+        print_json(doc)
         return
-    click.echo(f'Bot "{name}" updated; roles: {", ".join(bot.roles)}')
+    click.echo(f'Bot "{name}" updated; roles: {", ".join(doc["roles"])}')
     click.echo("Running instances get certificates with the new roles at their next renewal.")
 
 
@@ -162,31 +167,25 @@ def bots_instances() -> None:
 def instances_ls(name: str, output_format: str, data_dir: Path | None) -> None:
     """List the instances that joined as bot NAME."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
 
-    instances = admin.list_instances(
-        open_cluster(local_data_dir(data_dir), storage=storage_url()), name
-    )
+    remote = remote_admin()
+    if remote is not None:
+        admin.validate_bot_name(name)
+        docs = remote.call("GET", f"bots/{name}/instances")
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        docs = [admin.instance_json(i) for i in admin.list_instances(cluster, name)]
     if output_format == "json":
-        print_json(
-            [
-                {
-                    "instance_id": i.id,
-                    "bot_name": i.bot_name,
-                    "generation": i.generation,
-                    "created": when(i.created_at),
-                    "last_seen": when(i.last_seen_at),
-                }
-                for i in instances
-            ]
-        )
+        print_json(docs)
         return
-    if not instances:
+    if not docs:
         click.echo(f'No instances of bot "{name}".')
         return
     print_table(
         ("ID", "GENERATION", "CREATED", "LAST SEEN"),
-        [(i.id, str(i.generation), when(i.created_at), when(i.last_seen_at)) for i in instances],
+        [(d["instance_id"], str(d["generation"]), d["created"], d["last_seen"]) for d in docs],
     )
 
 

@@ -62,6 +62,7 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
     """Show role/NAME as YAML, or list every role (RESOURCE: roles)."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.cluster import open_cluster
+    from tbot_py.authservice.roles import role_from_data
     from tbot_py.config.duration import format_duration
 
     _, name = admin.parse_resource_ref(resource)
@@ -79,8 +80,10 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
         else:
             click.echo(role_yaml, nl=False)
         return
-    cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
-    roles = admin.list_roles(cluster)
+    if remote is not None:
+        roles = [role_from_data(doc) for doc in remote.call("GET", "roles")]
+    else:
+        roles = admin.list_roles(open_cluster(local_data_dir(data_dir), storage=storage_url()))
     if output_format == "json":
         print_json([role.to_json() for role in roles])
     elif output_format == "yaml":

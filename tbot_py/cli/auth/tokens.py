@@ -83,12 +83,17 @@ def tokens_ls(output_format: str, data_dir: Path | None) -> None:
 @user_errors
 def tokens_rm(token_id: str, data_dir: Path | None) -> None:
     """Remove the join token whose ID (from tokens ls) starts with ID."""
-    from tbot_py.authservice import admin, audit
-    from tbot_py.authservice.cluster import open_cluster
+    from tbot_py.authservice import admin
 
-    cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
-    removed = admin.remove_token(cluster, token_id)
-    click.echo(f'Token {audit.token_id(removed.token_hash)} of bot "{removed.bot_name}" removed.')
+    remote = remote_admin()
+    if remote is not None:
+        doc = remote.call("DELETE", f"tokens/{admin.normalize_token_id(token_id)}")
+    else:
+        from tbot_py.authservice.cluster import open_cluster
+
+        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        doc = admin.removed_token_json(admin.remove_token(cluster, token_id))
+    click.echo(f'Token {doc["id"]} of bot "{doc["bot_name"]}" removed.')
 
 
 def issue_token(bot_name: str, ttl: str, output_format: str, data_dir: Path | None) -> None:

@@ -128,7 +128,18 @@ def test_admin_api_bots_tokens_locks_and_roles_are_audited_as_remote(
     assert [b["bot_name"] for b in call(client, admin_id, "GET", "bots")] == ["ci"]
     token = call(client, admin_id, "POST", "tokens", {"bot": "ci", "ttl": "30m"})
     assert token["bot_name"] == "ci"
-    assert len(call(client, admin_id, "GET", "tokens")) == 2
+    tokens = call(client, admin_id, "GET", "tokens")
+    assert len(tokens) == 2
+    removed = call(client, admin_id, "DELETE", f"tokens/{tokens[0]['id']}")
+    assert removed == {"id": tokens[0]["id"], "bot_name": "ci"}
+    assert len(call(client, admin_id, "GET", "tokens")) == 1
+    client.join(created["token"])  # tokens[0], expiring first, was the 30m one
+    instances = call(client, admin_id, "GET", "bots/ci/instances")
+    assert [(i["bot_name"], i["generation"]) for i in instances] == [("ci", 1)]
+    updated = call(client, admin_id, "PATCH", "bots/ci", {"add_roles": ["editor"]})
+    assert updated == {"bot_name": "ci", "roles": ["access", "editor"], "logins": []}
+    updated = call(client, admin_id, "PATCH", "bots/ci", {"remove_roles": ["editor"]})
+    assert updated["roles"] == ["access"]
     lock = call(client, admin_id, "POST", "locks", {"bot": "ci", "message": "stop"})
     assert lock["created_by"] == "admin-alice" and lock["target"] == "ci"
     assert [d["id"] for d in call(client, admin_id, "GET", "locks")] == [lock["id"]]
@@ -139,6 +150,8 @@ def test_admin_api_bots_tokens_locks_and_roles_are_audited_as_remote(
     }
     got = call(client, admin_id, "GET", "roles/deploy")
     assert got["role"]["metadata"]["name"] == "deploy" and "deployer" in got["yaml"]
+    listed = call(client, admin_id, "GET", "roles")
+    assert [r["metadata"]["name"] for r in listed] == ["access", "auditor", "deploy", "editor"]
     call(client, admin_id, "DELETE", "roles/deploy")
     call(client, admin_id, "DELETE", "bots/ci")
     assert call(client, admin_id, "GET", "bots") == []
@@ -147,6 +160,9 @@ def test_admin_api_bots_tokens_locks_and_roles_are_audited_as_remote(
         "admin.bot.add",
         "admin.token.add",
         "admin.token.add",
+        "admin.token.rm",
+        "admin.bot.update",
+        "admin.bot.update",
         "admin.lock.add",
         "admin.lock.rm",
         "admin.role.create",
@@ -169,6 +185,11 @@ def test_admin_api_errors_have_the_usual_shape_and_status(
         ("DELETE", "locks/not-a-uuid", None, 400),
         ("POST", "roles", {"yaml": "kind: [unclosed"}, 400),
         ("GET", "roles/nope", None, 404),
+        ("PATCH", "bots/nope", {"add_roles": ["access"]}, 404),
+        ("PATCH", "bots/nope", {"add_roles": "access"}, 400),
+        ("GET", "bots/nope/instances", None, 404),
+        ("DELETE", "tokens/not-hex", None, 400),
+        ("DELETE", "tokens/abcdef", None, 404),
     ]
     for method, path, body, status in cases:
         resp = client.request(method, f"/v1/admin/{path}", identity=admin_id, json=body)
@@ -209,6 +230,28 @@ def test_remote_cli_output_matches_local_mode(
         for fmt in ("text", "json"):
             assert out(*listing, "--format", fmt, *remote) == out(*listing, "--format", fmt, *local)
 
+    client.join(added["token"])
+    for listing in (["bots", "instances", "ls", "ci"], ["bots", "instances", "ls", "web"]):
+        for fmt in ("text", "json"):
+            assert out(*listing, "--format", fmt, *remote) == out(*listing, "--format", fmt, *local)
+
+    # The same change, made remotely and then locally, prints the same.
+    for fmt in ("text", "json"):
+        grant = ("bots", "update", "ci", "--add-roles", "editor", "--format", fmt)
+        revoke = ("bots", "update", "ci", "--remove-roles", "editor", "--format", fmt)
+        granted = out(*grant, *remote)
+        assert "editor" in granted
+        revoked = out(*revoke, *remote)
+        assert out(*grant, *local) == granted and out(*revoke, *local) == revoked
+
+    tokens = json.loads(out("tokens", "ls", "--format", "json", *local))
+    assert len(tokens) == 2  # the join spent ci's first token
+    for token, where in zip(tokens, (remote, local), strict=True):
+        assert out("tokens", "rm", token["id"][:6].upper(), *where) == (
+            f'Token {token["id"]} of bot "{token["bot_name"]}" removed.\n'
+        )
+    assert json.loads(out("tokens", "ls", "--format", "json", *local)) == []
+
     lock_id = json.loads(out("locks", "ls", "--format", "json", *local))[0]["id"]
     assert "removed" in out("locks", "rm", lock_id, *remote)
     role_file = tmp_path / "deploy.yaml"
@@ -218,6 +261,10 @@ def test_remote_cli_output_matches_local_mode(
     assert out("get", "role/deploy", "--format", "json", *remote) == out(
         "get", "role/deploy", "--format", "json", *local
     )
+    for fmt in ("text", "yaml", "json"):
+        assert out("get", "roles", "--format", fmt, *remote) == out(
+            "get", "roles", "--format", fmt, *local
+        )
     assert out("rm", "role/deploy", *remote) == 'role "deploy" has been deleted\n'
     assert out("bots", "rm", "web", *remote) == 'Bot "web" removed.\n'
     assert [b["bot_name"] for b in json.loads(out("bots", "ls", "--format", "json", *local))] == [
@@ -230,10 +277,13 @@ def test_remote_cli_errors_are_one_line(
 ) -> None:
     remote = remote_args(client, identity_file)
     assert_one_error_line(run("bots", "rm", "nope", *remote), "not found")
-    assert_one_error_line(
-        run("bots", "update", "ci", "--add-roles", "x", *remote), "not supported with --auth-server"
-    )
+    assert_one_error_line(run("bots", "update", "nope", "--add-roles", "x", *remote), "not found")
+    assert_one_error_line(run("bots", "update", "Bad Name", *remote), "invalid bot name")
+    assert_one_error_line(run("bots", "instances", "ls", "nope", *remote), "not found")
+    assert_one_error_line(run("tokens", "rm", "zz/..", *remote), "invalid token id")
+    assert_one_error_line(run("tokens", "rm", "abcdef", *remote), "no join token")
     assert_one_error_line(run("audit", *remote), "not supported with --auth-server")
+    assert_one_error_line(run("audit", "--follow", *remote), "not supported with --auth-server")
     assert_one_error_line(run("bots", "ls", *remote, "--data-dir", tmp_path), "mutually exclusive")
     assert_one_error_line(run("bots", "ls", "--auth-server", client.service.addr), "go together")
     assert_one_error_line(run("bots", "ls"), "give --data-dir")
