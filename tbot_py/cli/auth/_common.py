@@ -18,6 +18,7 @@ import click
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from tbot_py.authservice.cluster import Cluster
     from tbot_py.cli.auth.remote import RemoteAdmin
 
 P = ParamSpec("P")
@@ -164,6 +165,13 @@ def local_data_dir(data_dir: Path | None) -> Path:
     if data_dir is None:
         raise UserError("give --data-dir DIR, or --auth-server HOST:PORT -i FILE")
     return data_dir
+
+
+def local_cluster(data_dir: Path | None) -> Cluster:
+    """The cluster of a command run locally: ``--data-dir`` with ``--storage``, opened."""
+    from tbot_py.authservice.cluster import open_cluster
+
+    return open_cluster(local_data_dir(data_dir), storage=storage_url())
 
 
 def storage_url() -> str | None:

@@ -12,11 +12,10 @@ import click
 from tbot_py.cli.auth._common import (
     admin_target_option,
     format_option,
-    local_data_dir,
+    local_cluster,
     print_json,
     print_table,
     remote_admin,
-    storage_url,
     user_errors,
 )
 from tbot_py.cli.auth.tokens import issue_token, print_token_text
@@ -51,9 +50,7 @@ def bots_add(
         doc = remote.call("POST", "bots", body)
         pin = remote.ca_pin
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         created = admin.add_bot(
             cluster, name, roles=role_list, logins=login_list, token_ttl=token_ttl
         )
@@ -78,9 +75,7 @@ def bots_ls(output_format: str, data_dir: Path | None) -> None:
     if remote is not None:
         docs = remote.call("GET", "bots")
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         docs = [admin.bot_summary_json(s) for s in admin.list_bots(cluster)]
     if output_format == "json":
         print_json(docs)
@@ -116,9 +111,7 @@ def bots_rm(name: str, data_dir: Path | None) -> None:
         admin.validate_bot_name(name)
         remote.call("DELETE", f"bots/{name}")
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        admin.remove_bot(open_cluster(local_data_dir(data_dir), storage=storage_url()), name)
+        admin.remove_bot(local_cluster(data_dir), name)
     click.echo(f'Bot "{name}" removed.')
 
 
@@ -143,9 +136,7 @@ def bots_update(
         body = {"add_roles": list(add), "remove_roles": list(remove)}
         doc = remote.call("PATCH", f"bots/{name}", body)
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         doc = admin.bot_json(admin.update_bot_roles(cluster, name, add=add, remove=remove))
     if output_format == "json":
         print_json(doc)
@@ -173,9 +164,7 @@ def instances_ls(name: str, output_format: str, data_dir: Path | None) -> None:
         admin.validate_bot_name(name)
         docs = remote.call("GET", f"bots/{name}/instances")
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         docs = [admin.instance_json(i) for i in admin.list_instances(cluster, name)]
     if output_format == "json":
         print_json(docs)

@@ -11,11 +11,10 @@ import click
 from tbot_py.cli.auth._common import (
     admin_target_option,
     format_option,
-    local_data_dir,
+    local_cluster,
     print_json,
     print_table,
     remote_admin,
-    storage_url,
     user_errors,
 )
 
@@ -38,9 +37,8 @@ def locks_ls(output_format: str, data_dir: Path | None) -> None:
         from datetime import UTC, datetime
 
         from tbot_py.authservice import admin
-        from tbot_py.authservice.cluster import open_cluster
 
-        records = admin.list_locks(open_cluster(local_data_dir(data_dir), storage=storage_url()))
+        records = admin.list_locks(local_cluster(data_dir))
         now = datetime.now(UTC)
         docs = [admin.lock_json(lock, now) for lock in records]
     if output_format == "json":
@@ -94,10 +92,8 @@ def locks_add(
         body = {"bot": bot_name, "instance": instance, "message": message, "ttl": ttl}
         doc = remote.call("POST", "locks", body)
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
         lock = admin.add_lock(
-            open_cluster(local_data_dir(data_dir), storage=storage_url()),
+            local_cluster(data_dir),
             bot=bot_name,
             instance=instance,
             message=message,
@@ -126,9 +122,7 @@ def locks_rm(lock_id: str, data_dir: Path | None) -> None:
     if remote is not None:
         doc = remote.call("DELETE", f"locks/{quote(lock_id, safe='')}")
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         doc = admin.lock_json(admin.remove_lock(cluster, lock_id), datetime.now(UTC))
     click.echo(f"Lock {doc['id']} on {_describe_target(doc)} removed.")
 

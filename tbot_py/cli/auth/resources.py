@@ -9,11 +9,10 @@ import click
 
 from tbot_py.cli.auth._common import (
     admin_target_option,
-    local_data_dir,
+    local_cluster,
     print_json,
     print_table,
     remote_admin,
-    storage_url,
     user_errors,
 )
 
@@ -40,9 +39,7 @@ def create(filename: Path, force: bool, data_dir: Path | None) -> None:
         doc = remote.call("POST", "roles", {"yaml": role.to_yaml(), "force": force})
         replaced = bool(doc["replaced"])
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         replaced = admin.create_role(cluster, role, force=force)
     click.echo(f'role "{role.name}" has been {"updated" if replaced else "created"}')
 
@@ -61,7 +58,6 @@ def create(filename: Path, force: bool, data_dir: Path | None) -> None:
 def get(resource: str, output_format: str, data_dir: Path | None) -> None:
     """Show role/NAME as YAML, or list every role (RESOURCE: roles)."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
     from tbot_py.authservice.roles import role_from_data
     from tbot_py.config.duration import format_duration
 
@@ -72,7 +68,7 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
             doc = remote.call("GET", f"roles/{quote(name, safe='')}")
             role_json, role_yaml = doc["role"], str(doc["yaml"])
         else:
-            cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+            cluster = local_cluster(data_dir)
             role = admin.get_role(cluster, name)
             role_json, role_yaml = role.to_json(), role.to_yaml()
         if output_format == "json":
@@ -83,7 +79,7 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
     if remote is not None:
         roles = [role_from_data(doc) for doc in remote.call("GET", "roles")]
     else:
-        roles = admin.list_roles(open_cluster(local_data_dir(data_dir), storage=storage_url()))
+        roles = admin.list_roles(local_cluster(data_dir))
     if output_format == "json":
         print_json([role.to_json() for role in roles])
     elif output_format == "yaml":
@@ -112,7 +108,6 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
 def rm(resource: str, data_dir: Path | None) -> None:
     """Delete role/NAME; refused while a bot uses it."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.cluster import open_cluster
     from tbot_py.authservice.errors import BadParameter
 
     _, name = admin.parse_resource_ref(resource)
@@ -122,5 +117,5 @@ def rm(resource: str, data_dir: Path | None) -> None:
     if remote is not None:
         remote.call("DELETE", f"roles/{quote(name, safe='')}")
     else:
-        admin.delete_role(open_cluster(local_data_dir(data_dir), storage=storage_url()), name)
+        admin.delete_role(local_cluster(data_dir), name)
     click.echo(f'role "{name}" has been deleted')

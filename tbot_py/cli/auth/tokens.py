@@ -14,11 +14,10 @@ import click
 from tbot_py.cli.auth._common import (
     admin_target_option,
     format_option,
-    local_data_dir,
+    local_cluster,
     print_json,
     print_table,
     remote_admin,
-    storage_url,
     user_errors,
 )
 
@@ -52,9 +51,8 @@ def tokens_ls(output_format: str, data_dir: Path | None) -> None:
         from datetime import UTC, datetime
 
         from tbot_py.authservice import admin
-        from tbot_py.authservice.cluster import open_cluster
 
-        records = admin.list_tokens(open_cluster(local_data_dir(data_dir), storage=storage_url()))
+        records = admin.list_tokens(local_cluster(data_dir))
         now = datetime.now(UTC)
         docs = [admin.token_json(r, now) for r in records]
     if output_format == "json":
@@ -89,9 +87,7 @@ def tokens_rm(token_id: str, data_dir: Path | None) -> None:
     if remote is not None:
         doc = remote.call("DELETE", f"tokens/{admin.normalize_token_id(token_id)}")
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         doc = admin.removed_token_json(admin.remove_token(cluster, token_id))
     click.echo(f'Token {doc["id"]} of bot "{doc["bot_name"]}" removed.')
 
@@ -107,9 +103,7 @@ def issue_token(bot_name: str, ttl: str, output_format: str, data_dir: Path | No
         doc = remote.call("POST", "tokens", {"bot": bot_name, "ttl": ttl})
         pin = remote.ca_pin
     else:
-        from tbot_py.authservice.cluster import open_cluster
-
-        cluster = open_cluster(local_data_dir(data_dir), storage=storage_url())
+        cluster = local_cluster(data_dir)
         doc = admin.add_token(cluster, bot_name, ttl=token_ttl).to_json()
         pin = cluster.ca_pin
     if output_format == "json":
