@@ -53,6 +53,10 @@ class StorageLockedError(DestinationError):
     """Another process holds the exclusive lock on the storage directory."""
 
 
+class AclError(DestinationError):
+    """POSIX ACLs cannot be tested, set or read on a destination (``setfacl``'s reason inside)."""
+
+
 class IdentityError(Error):
     """Stored or received credentials are missing, malformed or inconsistent."""
 

@@ -42,7 +42,7 @@ from tbot_py.authservice.ca import (
 from tbot_py.authservice.ca_store import META_CLUSTER_NAME
 from tbot_py.authservice.errors import AuthServiceError, BadParameter, ClusterNotInitialized
 from tbot_py.authservice.storage import Storage, is_postgres_url
-from tbot_py.destinations.directory import DirectoryDestination
+from tbot_py.destinations.fs import write_file_atomic
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
 
@@ -208,9 +208,9 @@ def write_server_credentials(
 def write_private_file(path: Path, data: bytes) -> None:
     """Atomically replace ``path`` with ``data``, mode 0600, durable on return.
 
-    The same writer the daemon uses for credentials: temp file, fsync, rename, fsync dir.
+    Temp file, fsync, rename, fsync the directory, as for the daemon's credentials.
     """
-    DirectoryDestination(path.parent).write(path.name, data)
+    write_file_atomic(path, data)
 
 
 def _create_cluster(data_dir: Path, storage: Storage, name: str, now: datetime) -> ClusterCAs:

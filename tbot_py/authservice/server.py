@@ -14,6 +14,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -161,16 +162,15 @@ async def _run(
 def write_admin_identity(cluster: Cluster, path: Path) -> None:
     """Write a fresh 12h admin identity for the OS user running us to ``path`` (0600, atomic)."""
     from tbot_py.authservice import admin, audit
-    from tbot_py.destinations.directory import DirectoryDestination
+    from tbot_py.destinations.fs import open_directory, write_file_atomic
     from tbot_py.identity import keys
 
     os_user = str(audit.local_admin_actor()["user"])
     data = admin.render_admin_identity(
         cluster.cas, os_user, keys.generate_private_key(), now=utc_now()
     )
-    destination = DirectoryDestination(path.parent)
-    destination.init()
-    destination.write(path.name, data)
+    os.close(open_directory(path.parent, "insecure", create=True))
+    write_file_atomic(path, data)
     log.info("wrote the admin identity of %s to %s", admin.admin_username(os_user), path)
 
 

@@ -64,7 +64,7 @@ def fresh_public_keys(key: keys.PrivateKey) -> wire.PublicKeys:
 
 def load_stored_identity(storage: Destination) -> tuple[Identity, str] | None:
     """The stored bot identity and token hash, or None when storage holds none (or junk)."""
-    files = {name: storage.read(name) for name in BOT_ARTIFACTS}
+    files = storage.read_many(BOT_ARTIFACTS)
     try:
         return Identity.from_bot_artifacts(files)
     except IdentityError as exc:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
 from tbot_py.client import tls
@@ -29,6 +30,9 @@ from tbot_py.errors import ConfigError, Error
 from tbot_py.identity.model import Identity
 from tbot_py.services.base import BotContext, GenerateResult, OutputService
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService
+
+if TYPE_CHECKING:
+    from tbot_py.destinations.acl import Reader
 
 log = logging.getLogger("tbot_py.bot")
 
@@ -61,7 +65,14 @@ class OneshotResult:
 def build_destination(config: DirectoryDestination | object) -> Destination:
     """The runtime destination for a destination config."""
     if isinstance(config, DirectoryDestination):
-        return DirectoryStore(config.absolute_path())
+        readers: list[Reader] = []
+        if config.readers:
+            from tbot_py.destinations.acl import Reader
+
+            readers = [Reader(kind=entry.kind, id=entry.id) for entry in config.readers]
+        return DirectoryStore(
+            config.absolute_path(), symlinks=config.symlinks, acls=config.acls, readers=readers
+        )
     return MemoryStore()
 
 

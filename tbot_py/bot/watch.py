@@ -40,7 +40,8 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
-from tbot_py.destinations.directory import FILE_MODE
+from tbot_py.destinations.fs import FILE_MODE
+from tbot_py.destinations.layout import DATA_LINK, is_version_name, link_target
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +80,12 @@ class _Forwarder(FileSystemEventHandler):
 class _Observer:
     """One watchdog observer with a non-recursive watch per directory; polls if inotify fails."""
 
-    def __init__(self, handler: FileSystemEventHandler, purpose: str) -> None:
+    def __init__(
+        self, handler: FileSystemEventHandler, purpose: str, *, recursive: bool = False
+    ) -> None:
         self._handler = handler
         self._purpose = purpose
+        self._recursive = recursive
         self._observer: BaseObserver | None = None
         self._watches: dict[str, ObservedWatch] = {}
         self._polling = False
@@ -99,7 +103,7 @@ class _Observer:
             return
         try:
             self._watches[directory] = self._observer.schedule(
-                self._handler, directory, recursive=False
+                self._handler, directory, recursive=self._recursive
             )
         except OSError as exc:
             if self._polling or exc.errno in _PATH_ERRNOS:
@@ -192,8 +196,31 @@ def _read(path: str, *, follow_symlinks: bool) -> tuple[os.stat_result, bytes | 
         return st, hashlib.file_digest(f, "sha256").digest()
 
 
-def _tampering(path: str, expected: bytes) -> str | None:
-    """What is wrong with the file at ``path``, or None if it is exactly as we wrote it."""
+def _artifact_path(directory: str, file: str) -> tuple[str, str | None]:
+    """Where ``file``'s bytes are, or what is wrong with its name.
+
+    ``file`` is a link into the current version (``..data/file``, see
+    destinations.layout); a plain file (an old layout) is checked as it is.
+    """
+    path = os.path.join(directory, file)
+    try:
+        target = os.readlink(path)
+    except FileNotFoundError:
+        return path, "was deleted"
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: not a symlink, so a plain file
+            return path, f"cannot be read ({_why(exc)})"
+        return path, None
+    if target != link_target(file):
+        return path, f"was replaced by a symlink to {target}"
+    return os.path.join(directory, DATA_LINK, file), None
+
+
+def _tampering(directory: str, file: str, expected: bytes) -> str | None:  # noqa: PLR0911
+    """What is wrong with ``file`` in ``directory``, or None if it is exactly as we wrote it."""
+    path, problem = _artifact_path(directory, file)
+    if problem is not None:
+        return problem
     try:
         st, digest = _read(path, follow_symlinks=False)
     except FileNotFoundError:
@@ -231,7 +258,10 @@ class DirectoryWatcher:
         # Output name -> file name -> SHA-256 of what the daemon last wrote there.
         self._written: dict[str, dict[str, bytes]] = {}
         self._names_by_path: dict[str, tuple[str, ...]] = {}
-        self._observer = _Observer(_Forwarder(loop, self._on_change), "changes to outputs")
+        # Recursive: the files live in version subdirectories (destinations.layout).
+        self._observer = _Observer(
+            _Forwarder(loop, self._on_change), "changes to outputs", recursive=True
+        )
         self._started = False
         self._stopped = False
 
@@ -316,7 +346,9 @@ class DirectoryWatcher:
     def _on_change(self, event_type: str, paths: tuple[str, ...]) -> None:
         if not self._running:
             return
-        names = {name for path in paths for name in self._names_by_path.get(path, ())}
+        names = {
+            name for path in map(_flat_path, paths) for name in self._names_by_path.get(path, ())
+        }
         if event_type == "deleted" and paths[0] in self._directories():
             # The directory itself is gone, and its watch with it.
             self._observer.remove(paths[0])
@@ -348,7 +380,7 @@ class DirectoryWatcher:
             return  # nothing written yet, so nothing to compare with
         problems = []
         for file in sorted(output.files & written.keys()):
-            problem = _tampering(os.path.join(output.directory, file), written[file])
+            problem = _tampering(output.directory, file, written[file])
             if problem is not None:
                 problems.append(f"{file} {problem}")
         if not problems:
@@ -364,6 +396,13 @@ class DirectoryWatcher:
             output.callback(name)
         except Exception:
             log.exception("%s: the callback for a changed output failed", name)
+
+
+def _flat_path(path: str) -> str:
+    """``DIR/..<version>/key`` -> ``DIR/key``: an event in a version is one on the artifact."""
+    parent, name = os.path.split(path)
+    head, version = os.path.split(parent)
+    return os.path.join(head, name) if is_version_name(version) else path
 
 
 def _config_digest(path: str) -> bytes | None:

@@ -28,6 +28,7 @@ _LAZY_COMMANDS = {
     "auth": ("tbot_py.cli.auth", "auth"),
     "wait": ("tbot_py.cli.wait", "wait"),
     "install": ("tbot_py.cli.install", "install"),
+    "init": ("tbot_py.cli.init", "init"),
 }
 
 

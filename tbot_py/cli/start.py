@@ -336,10 +336,10 @@ def configure_identity(**params: Any) -> None:
     if not output:
         click.echo(text, nl=False)
         return
-    from tbot_py.destinations import DirectoryDestination
+    from tbot_py.destinations.fs import write_file_atomic
 
     path = Path(output).resolve()
-    DirectoryDestination(path.parent).write(path.name, text.encode())
+    write_file_atomic(path, text.encode())
     log.info("wrote %s", path)
 
 

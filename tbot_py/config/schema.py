@@ -168,11 +168,44 @@ class Onboarding(_Model):
 # --- destinations ---------------------------------------------------------------------------
 
 
+class ReaderConfig(_Model):
+    """One ``readers:`` entry: a user or a group (a name, or a numeric id that need not exist)."""
+
+    user: str | int | None = None
+    group: str | int | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ReaderConfig:
+        if (self.user is None) == (self.group is None):
+            raise config_problem("give exactly one of user or group, e.g. {user: jenkins}")
+        for key, value in (("user", self.user), ("group", self.group)):
+            if isinstance(value, int) and value < 0:
+                raise config_problem("must be a name or a non-negative id", (key,))
+            if isinstance(value, str) and not value.strip():
+                raise config_problem("must not be empty", (key,))
+        return self
+
+    @property
+    def kind(self) -> Literal["user", "group"]:
+        """``user`` or ``group``."""
+        return "user" if self.user is not None else "group"
+
+    @property
+    def id(self) -> str:
+        """The name or numeric id, as a string."""
+        return str(self.user if self.user is not None else self.group)
+
+
 class DirectoryDestination(_Model):
     """Files in a directory on the local filesystem."""
 
     type: Literal["directory"] = "directory"
     path: NonEmptyPath
+    #: Never follow symlinks in the path or at artifact names (``secure``, ``try-secure``).
+    symlinks: Literal["secure", "try-secure", "insecure"] = "try-secure"
+    #: POSIX ACLs for ``readers``: ``try`` warns where unsupported, ``required`` fails.
+    acls: Literal["off", "try", "required"] = "try"
+    readers: list[ReaderConfig] = Field(default_factory=list)
 
     def absolute_path(self) -> str:
         """``path`` made absolute against the working directory and normalised."""

@@ -6,7 +6,7 @@ and hand them over by name; the bot's storage is a destination like any other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import Protocol
 
@@ -43,10 +43,13 @@ class Destination(Protocol):
         """Replace the artifact ``name`` with ``data``."""
 
     def write_many(self, files: Mapping[str, bytes]) -> None:
-        """Replace several artifacts, in the order given."""
+        """Replace several artifacts together: a reader sees all of them new or all old."""
 
     def read(self, name: str) -> bytes | None:
         """The bytes of artifact ``name``, or None when it does not exist."""
+
+    def read_many(self, names: Iterable[str]) -> dict[str, bytes | None]:
+        """Several artifacts from one consistent state: never a new key with an old certificate."""
 
     def describe(self) -> str:
         """A short human description for logs, e.g. ``directory /var/lib/tbot``."""

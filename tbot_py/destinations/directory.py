@@ -1,55 +1,57 @@
-"""A directory of artifact files, each replaced atomically, mode 0600 in a 0700 directory.
+"""A directory of artifacts in which a whole set of files changes at once, 0600 files in 0700 dirs.
 
 tbot truncates and rewrites files in place, so a crash or a full disk can leave
-a torn private key next to a fresh certificate. Here every write goes to a
-temporary file in the same directory, is flushed to disk, and is renamed over
-the old file; the directory is then flushed so the rename itself survives a
-power cut. A reader sees either the old file or the new one, never a mix.
+a torn private key next to a fresh certificate (teleport#25462). Here a write
+builds a complete new version of the directory's files and publishes it with
+one rename (see :mod:`tbot_py.destinations.layout`); the previous set stays
+whole until then. After a crash at any point the directory holds the complete
+old set or the complete new one, and :meth:`DirectoryDestination.init` removes
+what an interrupted write left behind.
 
-Symlinks at artifact names are neither followed on write (the rename replaces
-the link itself) nor on read.
+The destination path is opened without following symlinks (``symlinks:
+secure`` / ``try-secure``, see :mod:`tbot_py.destinations.fs`), all work
+happens relative to that directory descriptor, and a symlink someone planted at
+an artifact's name is refused rather than written through or replaced.
+Readers listed in ``readers`` (or inherited from the directory's own ACL, as
+``tbot-py init --reader-user`` leaves it) get read-only POSIX ACLs, set on the
+new files before they are published.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
 import stat
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING, Literal
 
+from tbot_py.destinations import layout
 from tbot_py.destinations.base import check_artifact_name
+from tbot_py.destinations.fs import (
+    DIR_MODE,
+    FILE_MODE,
+    SymlinkMode,
+    open_directory,
+    opened_directory,
+    reason,
+)
 from tbot_py.errors import DestinationError, StorageLockedError
+
+if TYPE_CHECKING:
+    from tbot_py.destinations.acl import Reader
 
 log = logging.getLogger(__name__)
 
-DIR_MODE = 0o700
-FILE_MODE = 0o600
-LOCK_NAME = "lock"
+__all__ = ["DIR_MODE", "FILE_MODE", "LOCK_NAME", "AclMode", "DirectoryDestination", "DirectoryLock"]
 
-# Short reasons for the failures a user can fix; anything else uses strerror.
-_REASONS = {
-    errno.ENOSPC: "no space left on device",
-    errno.EDQUOT: "disk quota exceeded",
-    errno.EROFS: "read-only file system",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "operation not permitted",
-    errno.ENOENT: "directory does not exist (was the destination initialised?)",
-    errno.ELOOP: "is a symlink, which tbot-py does not follow",
-    errno.EISDIR: "is a directory",
-}
-
-_TEMP_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-
-
-def _reason(exc: OSError) -> str:
-    if exc.errno is not None and exc.errno in _REASONS:
-        return _REASONS[exc.errno]
-    return exc.strerror or str(exc)
+LOCK_NAME = layout.LOCK_NAME
+AclMode = Literal["off", "try", "required"]
 
 
 class DirectoryLock:
@@ -86,10 +88,22 @@ class DirectoryDestination:
 
     is_persistent = True
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        symlinks: SymlinkMode = "try-secure",
+        acls: AclMode = "try",
+        readers: Sequence[Reader] = (),
+    ) -> None:
         # Absolute, so that a later chdir cannot move the destination and so
         # that ssh_config can point at it.
         self.path = Path(os.path.abspath(path))
+        self.symlinks: SymlinkMode = symlinks
+        self.acls: AclMode = acls
+        self.readers = tuple(readers)
+        self._acls_failed = False
+        self._guard = threading.Lock()
 
     def describe(self) -> str:
         """``directory <path>``."""
@@ -101,155 +115,222 @@ class DirectoryDestination:
     # -- init ---------------------------------------------------------------
 
     def init(self) -> None:
-        """Create the directory (and missing parents) with mode 0700 and prove we can write it.
+        """Create the directory (missing parents too, each 0700), prove it writable, repair it.
 
-        An existing directory is left as it is: its mode is not changed and the
-        write probe removes its own file.
+        An existing directory keeps its mode; a group- or world-readable one, or
+        one owned by another user, gets a warning. What an interrupted write
+        left (an unpublished version, a missing link) is rolled back or finished.
         """
-        try:
-            self._make_dirs()
-            self._probe_writable()
-        except PermissionError:
-            raise DestinationError(
-                f"tbot-py does not have permission to write to {self.path}; run tbot-py as "
-                "the directory's owner or give that user write access (e.g. chown, chmod 0700)",
-                path=str(self.path),
-            ) from None
-        except OSError as exc:
-            raise DestinationError(
-                f"cannot prepare destination: {_reason(exc)}", path=str(self.path)
-            ) from None
-
-    def _make_dirs(self) -> None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            st = None
-        except NotADirectoryError:
-            raise self._not_a_directory() from None
-        if st is not None:
-            if not stat.S_ISDIR(st.st_mode):
-                raise self._not_a_directory()
-            if st.st_mode & 0o077:
-                log.warning(
-                    "destination directory %s has mode %o: other users may read credentials",
-                    self.path,
-                    stat.S_IMODE(st.st_mode),
-                )
-            return
-        # os.makedirs gives only the leaf the requested mode, and the umask
-        # still applies, so create each missing component and chmod it.
-        missing: list[Path] = []
-        current = self.path
-        while not current.exists():
-            missing.append(current)
-            current = current.parent
-        if not current.is_dir():
-            raise self._not_a_directory()
-        for directory in reversed(missing):
+        with self._guard, self._opened(create=True) as dir_fd:
             try:
-                os.mkdir(directory, DIR_MODE)
-            except FileExistsError:
-                if not directory.is_dir():
-                    raise self._not_a_directory() from None
-                continue  # created concurrently: not ours to chmod
-            except NotADirectoryError:
-                raise self._not_a_directory() from None
-            os.chmod(directory, DIR_MODE)
+                self._check_directory(dir_fd)
+                self._probe_writable(dir_fd)
+                if layout.has_layout(dir_fd):
+                    with layout.write_lock(dir_fd):
+                        self._recover(dir_fd)
+            except layout.LayoutError as exc:
+                raise self._layout_error(exc) from None
+            except OSError as exc:
+                raise self._error("cannot prepare destination", exc) from None
+            if self.acls != "off" and self.readers:
+                self._check_acl_support(dir_fd)
 
-    def _not_a_directory(self) -> DestinationError:
-        return DestinationError("destination path is not a directory", path=str(self.path))
+    def _check_directory(self, dir_fd: int) -> None:
+        st = os.fstat(dir_fd)
+        if st.st_uid != os.geteuid():
+            log.warning(
+                "destination directory %s is owned by uid %d, not by the user tbot-py runs as "
+                "(uid %d); other users may be able to change what it holds",
+                self.path,
+                st.st_uid,
+                os.geteuid(),
+            )
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            log.warning(
+                "destination directory %s has mode %o: other users may read credentials",
+                self.path,
+                stat.S_IMODE(st.st_mode),
+            )
 
-    def _probe_writable(self) -> None:
-        probe = self.path / f".write-probe-{os.getpid()}-{os.urandom(6).hex()}"
-        fd = os.open(probe, _TEMP_FLAGS, FILE_MODE)
+    def _probe_writable(self, dir_fd: int) -> None:
+        probe = f".write-probe-{os.getpid()}-{os.urandom(6).hex()}"
+        fd = os.open(
+            probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW, FILE_MODE, dir_fd=dir_fd
+        )
         os.close(fd)
-        os.unlink(probe)
+        os.unlink(probe, dir_fd=dir_fd)
+
+    def _recover(self, dir_fd: int) -> None:
+        if layout.adopt_copied_data(dir_fd):
+            log.warning(
+                "%s: ..data was a directory, not a link (a copy that followed symlinks?); "
+                "adopted it as the current version",
+                self.path,
+            )
+        current = layout.current_version(dir_fd)
+        removed = layout.prune(dir_fd, keep={current} if current else set())
+        if removed:
+            log.info(
+                "%s: removed what an interrupted write left: %s", self.path, ", ".join(removed)
+            )
+        if current is None:
+            return
+        version_fd = layout.open_version(dir_fd, current)
+        try:
+            names = layout.version_files(version_fd)
+        finally:
+            os.close(version_fd)
+        state = layout.inspect_links(dir_fd, names)
+        for name, target in sorted(state.foreign.items()):
+            log.warning(
+                "%s: %s is a symlink to %s that tbot-py did not create", self.path, name, target
+            )
+        fixed = layout.place_links(dir_fd, state.missing | state.legacy)
+        if fixed:
+            log.info("%s: restored the links of %s", self.path, ", ".join(fixed))
 
     # -- writes -------------------------------------------------------------
 
     def write(self, name: str, data: bytes) -> None:
-        """Atomically replace ``name`` with ``data`` (mode 0600), durable on return."""
+        """Replace ``name`` with ``data`` (mode 0600), durable on return."""
         self.write_many({name: data})
 
     def write_many(self, files: Mapping[str, bytes]) -> None:
-        """Atomically replace each file, in order; durable on return.
+        """Replace the given files together: readers see all of them new or all old.
 
-        All temporary files are written and flushed before the first rename, so
-        a failure while writing (a full disk, say) replaces nothing. Each rename
-        is atomic; the directory is flushed once after the last one, which is
-        enough to make every rename durable. A crash between renames can leave
-        some files new and some old, but never a partial file.
+        Durable on return. On failure (a full disk, say) nothing visible
+        changes and the partial version is removed.
         """
         for name in files:
-            check_artifact_name(name)
-        staged: list[tuple[str, Path]] = []
-        renamed = 0
-        try:
-            for name, data in files.items():
-                staged.append((name, self._write_temp(name, data)))
-            for name, temp in staged:
-                try:
-                    os.replace(temp, self.path / name)
-                except OSError as exc:
-                    raise self._write_error(name, exc) from None
-                renamed += 1
-        finally:
-            # Only a failure leaves temp files behind: those not yet renamed.
-            for _, temp in staged[renamed:]:
-                _unlink_quietly(temp)
-        try:
-            _fsync_directory(self.path)
-        except OSError as exc:
-            raise DestinationError(
-                f"cannot flush directory: {_reason(exc)}", path=str(self.path)
-            ) from None
-
-    def _write_temp(self, name: str, data: bytes) -> Path:
-        """Write ``data`` to a new 0600 temp file next to ``name`` and flush it to disk."""
-        temp = self.path / f".{name}.tmp-{os.urandom(6).hex()}"
-        try:
-            fd = os.open(temp, _TEMP_FLAGS, FILE_MODE)
-        except OSError as exc:
-            raise self._write_error(name, exc) from None
-        try:
+            self._check_name(name)
+        with self._guard, self._opened() as dir_fd:
             try:
-                # The umask may have taken bits away from 0600; put them back.
-                os.fchmod(fd, FILE_MODE)
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException as exc:
-            _unlink_quietly(temp)
-            if isinstance(exc, OSError):
-                raise self._write_error(name, exc) from None
-            raise
-        return temp
+                with layout.write_lock(dir_fd):
+                    self._write(dir_fd, files)
+            except layout.LayoutError as exc:
+                raise self._layout_error(exc) from None
+            except OSError as exc:
+                raise self._error("cannot write files", exc) from None
 
-    def _write_error(self, name: str, exc: OSError) -> DestinationError:
-        return DestinationError(f"cannot write file: {_reason(exc)}", path=str(self.path / name))
+    def _check_name(self, name: str) -> None:
+        check_artifact_name(name)
+        if name.startswith(".") or name == LOCK_NAME:
+            raise DestinationError(f"invalid artifact name {name!r}: reserved in directories")
+
+    def _write(self, dir_fd: int, files: Mapping[str, bytes]) -> None:
+        state = layout.inspect_links(dir_fd, files)
+        for name, target in sorted(state.foreign.items()):
+            if self.symlinks != "insecure":
+                raise DestinationError(
+                    f"is a symlink to {target} that tbot-py did not create; refusing to write "
+                    f"through or replace it (symlinks: {self.symlinks}). Remove it and tbot-py "
+                    "will write the file",
+                    path=str(self.path / name),
+                )
+            log.warning(
+                "%s: replacing the symlink %s -> %s (symlinks: insecure)", self.path, name, target
+            )
+        current = layout.current_version(dir_fd)
+        current_fd = layout.open_version(dir_fd, current) if current else None
+        try:
+            carry = (
+                layout.version_files(current_fd)
+                if current_fd is not None
+                else layout.legacy_files(dir_fd)
+            )
+            version, version_fd = layout.build_version(dir_fd, files, current_fd, carry)
+        finally:
+            if current_fd is not None:
+                os.close(current_fd)
+        try:
+            names = layout.version_files(version_fd)
+            self._apply_acls(dir_fd, version, names)
+        except BaseException:
+            layout.remove_version(dir_fd, version)
+            raise
+        finally:
+            os.close(version_fd)
+        layout.publish(dir_fd, version)
+        layout.place_links(dir_fd, names)
+        layout.prune(dir_fd, keep={version, current} if current else {version})
+
+    # -- ACLs -----------------------------------------------------------------
+
+    def _effective_readers(self, dir_fd: int) -> tuple[Reader, ...]:
+        if self.acls == "off" or self._acls_failed:
+            return ()
+        if self.readers:
+            return self.readers
+        from tbot_py.destinations.acl import readers_from_acl
+
+        # Readers that `tbot-py init --reader-user` left on the directory itself; the
+        # bot's own entry there (when root owns the directory) is not a reader.
+        me = str(os.geteuid())
+        inherited = readers_from_acl(dir_fd)
+        return tuple(r for r in inherited if not (r.kind == "user" and r.id == me))
+
+    def _check_acl_support(self, dir_fd: int) -> None:
+        from tbot_py.destinations.acl import acl_support_problem
+
+        problem = acl_support_problem(dir_fd)
+        if problem is None:
+            return
+        if self.acls == "required":
+            raise DestinationError(
+                f"ACLs are required (acls: required) but {problem}", path=str(self.path)
+            )
+        self._acls_failed = True
+        log.warning("%s: readers will not get ACLs: %s (acls: try)", self.path, problem)
+
+    def _apply_acls(self, dir_fd: int, version: str, names: Iterable[str]) -> None:
+        readers = self._effective_readers(dir_fd)
+        if not readers:
+            return
+        from tbot_py.destinations.acl import apply_reader_acls
+        from tbot_py.errors import AclError
+
+        try:
+            apply_reader_acls(
+                dir_fd,
+                directories=[version],
+                files=[f"{version}/{name}" for name in names],
+                readers=readers,
+            )
+        except AclError as exc:
+            if self.acls == "required":
+                raise DestinationError(f"cannot set ACLs: {exc}", path=str(self.path)) from None
+            self._acls_failed = True
+            log.warning("%s: readers will not get ACLs: %s (acls: try)", self.path, exc)
 
     # -- reads --------------------------------------------------------------
 
     def read(self, name: str) -> bytes | None:
         """The contents of ``name``, or None if it does not exist. Never creates anything."""
-        check_artifact_name(name)
-        target = self.path / name
+        return self.read_many([name])[name]
+
+    def read_many(self, names: Iterable[str]) -> dict[str, bytes | None]:
+        """Several artifacts, all from the same version: a matching set, never a mix."""
+        wanted = [check_artifact_name(name) for name in names]
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise DestinationError(f"cannot read file: {_reason(exc)}", path=str(target)) from None
+            dir_fd = open_directory(self.path, self.symlinks)
+        except DestinationError:
+            if not os.path.lexists(self.path):
+                return dict.fromkeys(wanted)
+            raise
         try:
-            with os.fdopen(fd, "rb") as f:
-                return f.read()
+            current = layout.current_version(dir_fd)
+            source_fd = layout.open_version(dir_fd, current) if current else dir_fd
+            try:
+                return {name: layout.read_file(source_fd, name) for name in wanted}
+            finally:
+                if source_fd != dir_fd:
+                    os.close(source_fd)
+        except layout.LayoutError as exc:
+            raise self._layout_error(exc) from None
         except OSError as exc:
-            raise DestinationError(f"cannot read file: {_reason(exc)}", path=str(target)) from None
+            raise self._error("cannot read files", exc) from None
+        finally:
+            os.close(dir_fd)
 
     # -- lock ---------------------------------------------------------------
 
@@ -260,14 +341,18 @@ class DirectoryDestination:
         (or another lock object in this one) has it.
         """
         lock_path = self.path / LOCK_NAME
-        try:
-            fd = os.open(
-                lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE
-            )
-        except OSError as exc:
-            raise DestinationError(
-                f"cannot open lock file: {_reason(exc)}", path=str(lock_path)
-            ) from None
+        with self._opened() as dir_fd:
+            try:
+                fd = os.open(
+                    LOCK_NAME,
+                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                    FILE_MODE,
+                    dir_fd=dir_fd,
+                )
+            except OSError as exc:
+                raise DestinationError(
+                    f"cannot open lock file: {reason(exc)}", path=str(lock_path)
+                ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -288,9 +373,33 @@ class DirectoryDestination:
         except OSError as exc:
             os.close(fd)
             raise DestinationError(
-                f"cannot write lock file: {_reason(exc)}", path=str(lock_path)
+                f"cannot write lock file: {reason(exc)}", path=str(lock_path)
             ) from None
         return DirectoryLock(fd, lock_path)
+
+    # -- helpers --------------------------------------------------------------
+
+    def _opened(self, *, create: bool = False) -> AbstractContextManager[int]:
+        return opened_directory(self.path, self.symlinks, create=create)
+
+    def _error(self, what: str, exc: OSError) -> DestinationError:
+        name = exc.filename
+        plain = isinstance(name, str) and "/" not in name and not name.startswith(".")
+        where = self.path / name if plain else self.path
+        if exc.errno == errno.ENOENT:
+            return DestinationError(f"{what}: directory was removed while writing", path=str(where))
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return DestinationError(
+                f"{what}: {reason(exc)}; run tbot-py as the directory's owner or give that "
+                "user write access (e.g. chown, chmod 0700)",
+                path=str(where),
+            )
+        return DestinationError(f"{what}: {reason(exc)}", path=str(where))
+
+    def _layout_error(self, exc: layout.LayoutError) -> DestinationError:
+        return DestinationError(
+            f"{exc.problem}; tbot-py did not create it", path=str(self.path / exc.name)
+        )
 
 
 def _read_pid(fd: int) -> str:
@@ -299,22 +408,3 @@ def _read_pid(fd: int) -> str:
     except OSError:
         return "unknown"
     return text if text.isdigit() else "unknown"
-
-
-def _unlink_quietly(path: Path) -> None:
-    # Best effort: the error worth reporting is the one that got us here.
-    with contextlib.suppress(OSError):
-        os.unlink(path)
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        # Some file systems (certain FUSE and network ones) cannot fsync a
-        # directory; the renames are still atomic there, just not flushed.
-        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)

@@ -7,7 +7,7 @@ instance between runs, so the caller should warn (tbot.md §3.2).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import TracebackType
 
 from tbot_py.destinations.base import check_artifact_name
@@ -47,15 +47,18 @@ class MemoryDestination:
         self._files[check_artifact_name(name)] = bytes(data)
 
     def write_many(self, files: Mapping[str, bytes]) -> None:
-        """Store each file, in order; all names are checked before any is stored."""
+        """Store all files at once; all names are checked before any is stored."""
         for name in files:
             check_artifact_name(name)
-        for name, data in files.items():
-            self._files[name] = bytes(data)
+        self._files.update((name, bytes(data)) for name, data in files.items())
 
     def read(self, name: str) -> bytes | None:
         """The stored bytes of ``name``, or None."""
         return self._files.get(check_artifact_name(name))
+
+    def read_many(self, names: Iterable[str]) -> dict[str, bytes | None]:
+        """The stored bytes of each name (None where missing)."""
+        return {name: self._files.get(check_artifact_name(name)) for name in names}
 
     def describe(self) -> str:
         """``memory``."""

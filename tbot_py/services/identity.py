@@ -111,7 +111,7 @@ class IdentityService:
             known_hosts=self._known_hosts_target(bot),
             ssh_config_dir=directory,
         )
-        changed = any(self.destination.read(name) != data for name, data in files.items())
+        changed = self.destination.read_many(files) != files
         self.destination.write_many(files)
         log.info(
             "%s: wrote %d files to %s (%s, roles %s, principals %s, valid %s to %s)",

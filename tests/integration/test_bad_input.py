@@ -275,3 +275,24 @@ def test_no_config_and_no_address_are_clear_errors(tmp_path: Path) -> None:
     done = run_tbot("start", "identity", "--destination", str(tmp_path), "--oneshot")
     assert done.returncode == 1
     assert_one_clean_error(done.stderr, "proxy_server or auth_server")
+
+
+@pytest.mark.parametrize("flag", ["--destination", "--storage"])
+def test_kubernetes_secret_uri_is_not_supported_yet_and_burns_no_token(
+    auth: AuthService, tmp_path: Path, flag: str
+) -> None:
+    token = auth.add_bot(f"k8s{flag.strip('-')}")
+    uris = {"--destination": str(tmp_path / "out"), "--storage": str(tmp_path / "storage")}
+    uris[flag] = "kubernetes-secret:///tbot-out"
+    args = [
+        "start", "identity", "--proxy-server", auth.addr, "--ca-pin", auth.ca_pin,
+        "--destination", uris["--destination"], "--storage", uris["--storage"], "--oneshot",
+    ]  # fmt: skip
+    done = run_tbot(*args, env=clean_env(TELEPORT_BOT_TOKEN=token))
+    assert done.returncode == 1
+    assert_one_clean_error(done.stderr, flag, '"kubernetes-secret" is not supported yet')
+    assert not (tmp_path / "out").exists()
+    # The single-use token was not sent: it still joins.
+    args[args.index(flag) + 1] = str(tmp_path / flag.strip("-"))
+    done = run_tbot(*args, env=clean_env(TELEPORT_BOT_TOKEN=token))
+    assert done.returncode == 0, done.stderr

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_public_identit
 from tbot_py.identity import keys
 from tbot_py.identity.identityfile import parse_identity_file
 from tbot_py.identity.tlsid import TLSIdentity
+from tests.expected import artifacts
 from tests.integration.conftest import (
     TBOT,
     AuthService,
@@ -228,7 +229,7 @@ def test_outage_keeps_the_old_identity_reports_503_and_recovers(
     config, diag, _ = new_config(own_auth, tmp_path, "outage", {"out": out})
     daemon = start_daemon(config, diag)
     daemon.wait_healthy()
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = artifacts(out)
 
     own_auth.stop()
     daemon.signal(signal.SIGUSR1)
@@ -238,7 +239,7 @@ def test_outage_keeps_the_old_identity_reports_503_and_recovers(
     assert isinstance(services, dict)
     assert services["out"]["status"] == "unhealthy" or services["identity"]["status"] == "unhealthy"
     # Nothing was half-replaced: the old, still valid identity is untouched.
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert artifacts(out) == before
     assert daemon.process.poll() is None
 
     restarted = start_auth_service(own_auth.data_dir, own_auth.addr)

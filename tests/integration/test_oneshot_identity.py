@@ -14,7 +14,7 @@ from cryptography import x509
 
 from tbot_py.identity.identityfile import parse_identity_file
 from tbot_py.identity.tlsid import TLSIdentity
-from tests.expected import BOT_STORAGE_FILES, IDENTITY_FILES, SSH_FILES
+from tests.expected import BOT_STORAGE_FILES, IDENTITY_FILES, SSH_FILES, artifact_names
 from tests.integration.conftest import (
     TBOT,
     AuthService,
@@ -59,11 +59,11 @@ def joined(auth: AuthService, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 def test_join_writes_exactly_tbots_identity_artifacts(joined: tuple[Path, Path]) -> None:
     out, storage = joined
-    names = {p.name for p in out.iterdir()}
+    names = artifact_names(out)
     cluster_files = {n for n in names if n.endswith((".ssh_config", ".known_hosts"))}
     assert names - cluster_files == IDENTITY_FILES | SSH_FILES
     assert len(cluster_files) == 2
-    assert {p.name for p in storage.iterdir()} >= BOT_STORAGE_FILES
+    assert artifact_names(storage) >= BOT_STORAGE_FILES
     assert not [n for n in names if ".tmp" in n], "temporary files left behind"
 
 
@@ -71,7 +71,9 @@ def test_files_are_0600_and_directories_0700(joined: tuple[Path, Path]) -> None:
     for directory in joined:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
         for path in directory.iterdir():
-            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            # stat() follows the artifact links into the version directories.
+            expected = 0o700 if path.is_dir() else 0o600
+            assert stat.S_IMODE(path.stat().st_mode) == expected, path
 
 
 def test_ssh_keygen_shows_principals_key_id_and_one_hour_validity(
@@ -231,7 +233,7 @@ def test_config_file_with_token_file_and_env_proxy(auth: AuthService, tmp_path: 
     )
     done = run_tbot("start", env=clean_env(TBOT_CONFIG_PATH=str(config), TELEPORT_PROXY=auth.addr))
     assert done.returncode == 0, done.stderr
-    names = {p.name for p in out.iterdir()}
+    names = artifact_names(out)
     assert "ssh_config" not in names
     assert "known_hosts" not in names
     assert {"identity", "tlscert", "key"} <= names

@@ -30,7 +30,7 @@ from tbot_py.diagnostics.health import HealthRegistry, ServiceHealth, Status
 from tbot_py.diagnostics.sdnotify import Notifier
 from tbot_py.errors import AccessDenied, ConfigError
 from tbot_py.services.base import BotContext, GenerateResult
-from tests.expected import IDENTITY_FILES
+from tests.expected import IDENTITY_FILES, artifacts
 from tests.unit.conftest import BOT, create_login_roles, utc_now
 
 T = TypeVar("T")
@@ -164,7 +164,7 @@ def _healthy(daemon: Daemon, *names: str) -> Callable[[], bool]:
 
 
 def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+    return artifacts(directory)
 
 
 def _take_down(service: RunningAuthService) -> None:

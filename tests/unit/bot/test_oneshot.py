@@ -20,7 +20,7 @@ from tbot_py.config import BotConfig, load_config_text
 from tbot_py.destinations import DirectoryDestination
 from tbot_py.errors import AccessDenied, DestinationError
 from tbot_py.identity import keys
-from tests.expected import IDENTITY_FILES
+from tests.expected import IDENTITY_FILES, artifact_names
 
 
 def _output(name: str, path: Path, roles: list[str], **extra: Any) -> dict[str, Any]:
@@ -114,8 +114,8 @@ def test_directory_output_holds_tbots_files_and_the_ssh_client_files(
 
     cluster = service.cluster_name
     ssh_files = {"known_hosts", "ssh_config", f"{cluster}.ssh_config", f"{cluster}.known_hosts"}
-    assert {p.name for p in (tmp_path / "with-ssh").iterdir()} == IDENTITY_FILES | ssh_files
-    assert {p.name for p in (tmp_path / "no-ssh").iterdir()} == IDENTITY_FILES
+    assert artifact_names(tmp_path / "with-ssh") == IDENTITY_FILES | ssh_files
+    assert artifact_names(tmp_path / "no-ssh") == IDENTITY_FILES
     assert set(result.outputs[0].files) == IDENTITY_FILES | ssh_files
 
 

@@ -245,6 +245,7 @@ CLASSIFIED: list[tuple[BaseException, ErrorKind]] = [
     (errors.TrustError("certificate verify failed"), ErrorKind.RETRY),
     (errors.ClientError("unexpected answer"), ErrorKind.RETRY),
     (errors.DestinationError("no space left on device", path="/out"), ErrorKind.RETRY),
+    (errors.AclError("setfacl: Operation not supported", path="/out"), ErrorKind.RETRY),
     (errors.StorageLockedError("locked by pid 42", path="/var/lib"), ErrorKind.RETRY),
     (errors.IdentityError("TLS certificate is not valid PEM"), ErrorKind.RETRY),
     (errors.AccessDenied("bot instance ci/1 not found", status=403), ErrorKind.FATAL),

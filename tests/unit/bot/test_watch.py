@@ -6,6 +6,7 @@ import asyncio
 import errno
 import logging
 import os
+import shutil
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -186,9 +187,7 @@ def test_a_deleted_and_recreated_directory_is_watched_again_after_the_next_write
     tmp_path: Path,
 ) -> None:
     async def scenario(w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
-        for name in FILES:
-            os.unlink(dest.path / name)
-        os.rmdir(dest.path)
+        shutil.rmtree(dest.path)
         await eventually(lambda: calls == ["svc"])
         dest.init()
         w.expect_writes("svc", FILES)

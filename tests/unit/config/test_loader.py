@@ -353,10 +353,54 @@ def test_unknown_key_inside_a_destination_is_an_error() -> None:
             destination:
               type: directory
               path: /out
-              symlinks: secure
+              symlink: secure
         """
     )
-    assert str(err) == f'{SOURCE}:7: services[0].destination: unknown key "symlinks"'
+    assert (
+        str(err)
+        == f'{SOURCE}:7: services[0].destination: unknown key "symlink"; did you mean "symlinks"?'
+    )
+
+
+def test_symlinks_acls_and_readers_of_a_directory_destination_load() -> None:
+    config = load(
+        """\
+        version: v2
+        services:
+          - type: identity
+            destination:
+              type: directory
+              path: /out
+              symlinks: secure
+              acls: required
+              readers: [{user: jenkins}, {group: 4242}]
+        """
+    )
+    service = config.services[0]
+    assert isinstance(service, IdentityServiceConfig)
+    destination = service.destination
+    assert isinstance(destination, DirectoryDestination)
+    assert (destination.symlinks, destination.acls) == ("secure", "required")
+    assert [(r.kind, r.id) for r in destination.readers] == [("user", "jenkins"), ("group", "4242")]
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("symlinks: sometimes", "symlinks"),
+        ("acls: maybe", "acls"),
+        ("readers: [{user: a, group: b}]", "readers[0]: give exactly one of user or group"),
+        ("readers: [{}]", "readers[0]: give exactly one of user or group"),
+        ("readers: [{user: -1}]", "readers[0].user: must be a name or a non-negative id"),
+    ],
+)
+def test_bad_symlinks_acls_or_readers_point_at_the_line(line: str, message: str) -> None:
+    err = error_for(
+        "version: v2\nservices:\n  - type: identity\n    destination:\n"
+        f"      type: directory\n      path: /out\n      {line}\n"
+    )
+    assert str(err).startswith(f"{SOURCE}:7: services[0].destination.")
+    assert message in str(err)
 
 
 def test_unknown_service_type_lists_supported_types() -> None:

@@ -20,7 +20,7 @@ from tbot_py.destinations import Destination, DirectoryDestination, MemoryDestin
 from tbot_py.errors import AccessDenied
 from tbot_py.services.base import BotContext, GenerateResult
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService, split_host_port
-from tests.expected import IDENTITY_FILES
+from tests.expected import IDENTITY_FILES, artifact_names
 from tests.unit.conftest import BOT, utc_now
 
 SETTINGS = IdentityOutputSettings(
@@ -152,7 +152,7 @@ def test_directory_destination_gets_ssh_config_pointing_at_itself(
         f"{cluster}.known_hosts",
     }
     assert set(result.files) == expected
-    assert {p.name for p in out.iterdir()} == expected
+    assert artifact_names(out) == expected
     assert f'IdentityFile "{out}/key"' in (out / "ssh_config").read_text()
 
 

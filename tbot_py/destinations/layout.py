@@ -1,0 +1,347 @@
+"""The versioned directory layout: every set of artifacts changes with one rename.
+
+A destination directory looks like this (the Kubernetes atomic-writer pattern)::
+
+    DIR/
+      ..data -> ..2026_11_22_01_30_00.123456789-3fa2c1   the current version
+      ..2026_11_22_01_30_00.123456789-3fa2c1/            0700, immutable once published
+          key  tlscert  key-cert.pub  identity  ...       0600 regular files
+      key -> ..data/key                                   tbot's flat names, as symlinks
+      tlscert -> ..data/tlscert
+      lock                                                the storage lock (storage only)
+
+A write builds a complete new version directory (new files written and flushed,
+unchanged ones hard-linked from the current version), flushes it, and then
+points ``..data`` at it with a single ``rename``. So at every instant, even
+after a ``kill -9`` or a power cut, ``..data`` names a complete set, and a
+reader that resolves ``..data`` once and reads every file from that version
+gets a matching key and certificate. The previous version is kept until the
+next write, so such a reader never has files vanish under it within one
+renewal interval. Programs that open the flat names one by one (``ssh -i``,
+``curl --cert``) each get a complete file, but a swap may fall between two of
+their opens: those should read the ``identity`` file (key and certificates in
+one file) or resolve ``..data`` first.
+
+Nothing here follows a symlink: ``..data`` is read with ``readlink`` and its
+target must be a version name in the same directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import stat
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+from tbot_py.destinations.fs import (
+    DIR_MODE,
+    fsync_directory,
+    unlink_quietly,
+    write_new_file,
+)
+
+DATA_LINK = "..data"
+LOCK_NAME = "lock"
+#: Taken (flock, exclusive) around every write and every repair, so that two processes
+#: writing the same directory take turns instead of pruning each other's versions.
+WRITE_LOCK = "..lock"
+WRITE_LOCK_TIMEOUT = 10.0
+_VERSION_RE = re.compile(r"^\.\.\d{4}_\d\d_\d\d_\d\d_\d\d_\d\d\.\d{9}-[0-9a-f]{6}$")
+_TEMP_LINK_PREFIX = "..tmp-"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def is_version_name(name: str) -> bool:
+    """Whether ``name`` is one of our version directories."""
+    return _VERSION_RE.match(name) is not None
+
+
+def is_layout_entry(name: str) -> bool:
+    """Whether ``name`` in a destination directory belongs to the layout itself."""
+    return (
+        name in (DATA_LINK, LOCK_NAME, WRITE_LOCK)
+        or name.startswith(_TEMP_LINK_PREFIX)
+        or is_version_name(name)
+    )
+
+
+def link_target(name: str) -> str:
+    """What the flat name ``name`` points at."""
+    return f"{DATA_LINK}/{name}"
+
+
+def new_version_name() -> str:
+    """A fresh version directory name: UTC time to the nanosecond, and a random suffix."""
+    ns = time.time_ns()
+    stamp = time.strftime("%Y_%m_%d_%H_%M_%S", time.gmtime(ns // 1_000_000_000))
+    return f"..{stamp}.{ns % 1_000_000_000:09d}-{os.urandom(3).hex()}"
+
+
+@contextlib.contextmanager
+def write_lock(dir_fd: int, timeout: float = WRITE_LOCK_TIMEOUT) -> Iterator[None]:
+    """Hold the directory's write lock; raise LayoutError if another writer keeps it too long."""
+    fd = os.open(
+        WRITE_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LayoutError(
+                        WRITE_LOCK, f"is held by another process writing here for over {timeout:g}s"
+                    ) from None
+                time.sleep(0.01)
+        yield
+    finally:
+        os.close(fd)  # drops the lock
+
+
+class LayoutError(Exception):
+    """Something in the directory is not what this layout put there."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        self.name = name
+        self.problem = problem
+        super().__init__(f"{name} {problem}")
+
+
+def current_version(dir_fd: int) -> str | None:
+    """The version ``..data`` points at; None without ``..data`` (a new or old-style dir)."""
+    try:
+        target = os.readlink(DATA_LINK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise LayoutError(DATA_LINK, "is not a symlink") from None
+        raise
+    if not is_version_name(target):
+        raise LayoutError(DATA_LINK, f"points at {target!r}, which is not a tbot-py version")
+    return target
+
+
+def adopt_copied_data(dir_fd: int) -> bool:
+    """Turn a real ``..data`` directory back into a published version; True if there was one.
+
+    A copy made with a tool that follows symlinks (``shutil.copytree``, ``cp -rL``)
+    turns ``..data`` into a plain directory holding the set it pointed at.
+    """
+    try:
+        st = os.stat(DATA_LINK, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    version = new_version_name()
+    os.rename(DATA_LINK, version, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    publish(dir_fd, version)
+    return True
+
+
+def open_version(dir_fd: int, version: str) -> int:
+    """Open a version directory without following symlinks."""
+    return os.open(version, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+def read_file(dir_fd: int, name: str) -> bytes | None:
+    """The bytes of regular file ``name`` in ``dir_fd``; None if missing. Follows no symlink."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise LayoutError(name, "is not a regular file")
+        return f.read()
+
+
+@dataclass
+class LinkState:
+    """What stands at the flat names, as found before a write."""
+
+    ours: set[str] = field(default_factory=set)  # already ``name -> ..data/name``
+    missing: set[str] = field(default_factory=set)
+    legacy: set[str] = field(default_factory=set)  # regular files from an old layout or tbot
+    foreign: dict[str, str] = field(default_factory=dict)  # name -> symlink target not ours
+
+
+def inspect_links(dir_fd: int, names: Iterable[str]) -> LinkState:
+    """Sort what stands at each flat name; raise LayoutError for a directory or a device."""
+    state = LinkState()
+    for name in names:
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            state.missing.add(name)
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(name, dir_fd=dir_fd)
+            if target == link_target(name):
+                state.ours.add(name)
+            else:
+                state.foreign[name] = target
+        elif stat.S_ISREG(st.st_mode):
+            state.legacy.add(name)
+        elif stat.S_ISDIR(st.st_mode):
+            raise LayoutError(name, "is a directory")
+        else:
+            raise LayoutError(name, "is not a regular file")
+    return state
+
+
+def legacy_files(dir_fd: int) -> list[str]:
+    """Regular, visible files at the top of a directory that has no version yet (an old layout)."""
+    names = []
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name == LOCK_NAME:
+                continue
+            if entry.is_file(follow_symlinks=False):
+                names.append(entry.name)
+    return sorted(names)
+
+
+def build_version(
+    dir_fd: int,
+    files: Mapping[str, bytes],
+    carry_from: int | None,
+    carry: Iterable[str],
+) -> tuple[str, int]:
+    """Create a complete, flushed new version: ``files`` plus ``carry`` linked from ``carry_from``.
+
+    Returns the version's name and an open descriptor (the caller closes it).
+    On any failure the partial version is removed and the error propagates.
+    """
+    version = new_version_name()
+    os.mkdir(version, DIR_MODE, dir_fd=dir_fd)
+    try:
+        vfd = open_version(dir_fd, version)
+    except BaseException:
+        remove_version(dir_fd, version)
+        raise
+    try:
+        os.fchmod(vfd, DIR_MODE)
+        for name, data in files.items():
+            write_new_file(vfd, name, data)
+        source = carry_from if carry_from is not None else dir_fd
+        for name in carry:
+            if name not in files:
+                _carry_file(source, vfd, name)
+        fsync_directory(vfd)
+    except BaseException:
+        os.close(vfd)
+        remove_version(dir_fd, version)
+        raise
+    return version, vfd
+
+
+def _carry_file(source_fd: int, target_fd: int, name: str) -> None:
+    """Hard-link an unchanged file into the new version; copy it where linking is refused."""
+    st = os.stat(name, dir_fd=source_fd, follow_symlinks=False)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    try:
+        os.link(name, name, src_dir_fd=source_fd, dst_dir_fd=target_fd, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EMLINK, errno.EXDEV):
+            raise
+        data = read_file(source_fd, name)
+        if data is not None:
+            write_new_file(target_fd, name, data, stat.S_IMODE(st.st_mode))
+
+
+def publish(dir_fd: int, version: str) -> None:
+    """Point ``..data`` at ``version`` with one atomic rename, and flush the directory."""
+    temp = f"{_TEMP_LINK_PREFIX}{os.urandom(6).hex()}"
+    os.symlink(version, temp, dir_fd=dir_fd)
+    try:
+        os.rename(temp, DATA_LINK, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except BaseException:
+        unlink_quietly(dir_fd, temp)
+        raise
+    fsync_directory(dir_fd)
+
+
+def place_links(dir_fd: int, names: Iterable[str]) -> list[str]:
+    """Make each flat name a symlink into ``..data``, atomically replacing what is there.
+
+    The caller has already refused what must not be replaced. Returns the names changed.
+    """
+    changed = []
+    for name in sorted(names):
+        target = link_target(name)
+        with contextlib.suppress(OSError):
+            if os.readlink(name, dir_fd=dir_fd) == target:
+                continue
+        temp = f"{_TEMP_LINK_PREFIX}{os.urandom(6).hex()}"
+        os.symlink(target, temp, dir_fd=dir_fd)
+        try:
+            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            unlink_quietly(dir_fd, temp)
+            raise
+        changed.append(name)
+    if changed:
+        fsync_directory(dir_fd)
+    return changed
+
+
+def has_layout(dir_fd: int) -> bool:
+    """Whether the directory holds anything of this layout (else there is nothing to repair)."""
+    with os.scandir(dir_fd) as entries:
+        return any(is_layout_entry(e.name) and e.name != LOCK_NAME for e in entries)
+
+
+def version_names(dir_fd: int) -> list[str]:
+    """Every version directory and leftover temp link in the directory."""
+    with os.scandir(dir_fd) as entries:
+        return sorted(
+            e.name
+            for e in entries
+            if is_version_name(e.name) or e.name.startswith(_TEMP_LINK_PREFIX)
+        )
+
+
+def prune(dir_fd: int, keep: Iterable[str]) -> list[str]:
+    """Remove versions and temp links not in ``keep``; return what was removed. Best effort."""
+    kept = set(keep)
+    removed = []
+    for name in version_names(dir_fd):
+        if name in kept:
+            continue
+        if name.startswith(_TEMP_LINK_PREFIX):
+            unlink_quietly(dir_fd, name)
+        else:
+            remove_version(dir_fd, name)
+        removed.append(name)
+    return removed
+
+
+def remove_version(dir_fd: int, version: str) -> None:
+    """Delete a version directory and its files (never following a symlink). Best effort."""
+    with contextlib.suppress(OSError):
+        vfd = open_version(dir_fd, version)
+        try:
+            with os.scandir(vfd) as entries:
+                names = [e.name for e in entries]
+            for name in names:
+                unlink_quietly(vfd, name)
+        finally:
+            os.close(vfd)
+        os.rmdir(version, dir_fd=dir_fd)
+
+
+def version_files(version_fd: int) -> list[str]:
+    """The artifact names in a version directory."""
+    with os.scandir(version_fd) as entries:
+        return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
