@@ -262,14 +262,19 @@ def _carry_file(source_fd: int, target_fd: int, name: str) -> None:
 
 def publish(dir_fd: int, version: str) -> None:
     """Point ``..data`` at ``version`` with one atomic rename, and flush the directory."""
+    _replace_with_link(dir_fd, DATA_LINK, version)
+    fsync_directory(dir_fd)
+
+
+def _replace_with_link(dir_fd: int, name: str, target: str) -> None:
+    """Atomically make ``name`` a symlink to ``target``: a temp link renamed over it."""
     temp = f"{_TEMP_LINK_PREFIX}{os.urandom(6).hex()}"
-    os.symlink(version, temp, dir_fd=dir_fd)
+    os.symlink(target, temp, dir_fd=dir_fd)
     try:
-        os.rename(temp, DATA_LINK, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         unlink_quietly(dir_fd, temp)
         raise
-    fsync_directory(dir_fd)
 
 
 def place_links(dir_fd: int, names: Iterable[str]) -> list[str]:
@@ -283,13 +288,7 @@ def place_links(dir_fd: int, names: Iterable[str]) -> list[str]:
         with contextlib.suppress(OSError):
             if os.readlink(name, dir_fd=dir_fd) == target:
                 continue
-        temp = f"{_TEMP_LINK_PREFIX}{os.urandom(6).hex()}"
-        os.symlink(target, temp, dir_fd=dir_fd)
-        try:
-            os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        except BaseException:
-            unlink_quietly(dir_fd, temp)
-            raise
+        _replace_with_link(dir_fd, name, target)
         changed.append(name)
     if changed:
         fsync_directory(dir_fd)

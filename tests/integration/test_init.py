@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tbot_py.destinations.acl import Reader, acl_support_problem, apply_reader_acls
+from tbot_py.destinations.acl import Reader, apply_reader_acls
+from tests.acls import skip_unless_acls_work
 from tests.integration.conftest import clean_env, error_lines, run_tbot
 from tests.unit.destinations.test_acl import getfacl
 
@@ -59,18 +60,10 @@ def reader() -> Iterator[str]:
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory other users may traverse (pytest's tmp_path is private to root)."""
-    if shutil.which("setfacl") is None or shutil.which("getfacl") is None:
-        pytest.skip("setfacl/getfacl are not installed (apt-get install acl)")
     base = Path(tempfile.mkdtemp(prefix="tbot-py-init-"))
     try:
         base.chmod(0o755)
-        fd = os.open(base, os.O_RDONLY)
-        try:
-            problem = acl_support_problem(fd)
-        finally:
-            os.close(fd)
-        if problem is not None:
-            pytest.skip(f"ACLs do not work in {base}: {problem}")
+        skip_unless_acls_work(base)
         yield base
     finally:
         shutil.rmtree(base)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import stat
 from pathlib import Path
 
 import pytest
 
 from tbot_py.cli.main import main
-from tbot_py.destinations.acl import acl_support_problem
+from tests.acls import skip_unless_acls_work
 from tests.unit.destinations.test_acl import getfacl, install_failing_setfacl
 
 VERSION = "..2026_11_22_01_30_00.123456789-ab12cd"
@@ -235,15 +234,7 @@ def test_chown_without_root_is_one_error(
 
 @pytest.fixture
 def acl_tmp(tmp_path: Path) -> Path:
-    if shutil.which("setfacl") is None or shutil.which("getfacl") is None:
-        pytest.skip("setfacl/getfacl are not installed (apt-get install acl)")
-    fd = os.open(tmp_path, os.O_RDONLY)
-    try:
-        problem = acl_support_problem(fd)
-    finally:
-        os.close(fd)
-    if problem is not None:
-        pytest.skip(f"ACLs do not work in {tmp_path}: {problem}")
+    skip_unless_acls_work(tmp_path)
     return tmp_path
 
 

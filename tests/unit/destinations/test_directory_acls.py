@@ -3,30 +3,22 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from tbot_py.destinations import DirectoryDestination
-from tbot_py.destinations.acl import Reader, acl_drift, acl_support_problem, apply_reader_acls
+from tbot_py.destinations.acl import Reader, acl_drift, apply_reader_acls
 from tbot_py.errors import DestinationError
+from tests.acls import skip_unless_acls_work
 
 READERS = (Reader(kind="user", id="4242"), Reader(kind="group", id="4343"))
 
 
 @pytest.fixture
 def acl_root(tmp_path: Path) -> Path:
-    if shutil.which("setfacl") is None:
-        pytest.skip("setfacl is not installed (apt-get install acl)")
-    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        problem = acl_support_problem(fd)
-    finally:
-        os.close(fd)
-    if problem is not None:
-        pytest.skip(f"ACLs do not work in {tmp_path}: {problem}")
+    skip_unless_acls_work(tmp_path)
     return tmp_path
 
 
