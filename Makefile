@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit venv clean
+.PHONY: demo test bench lint typecheck unit venv clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,17 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 venv: $(STAMP)
+
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[server,dev,bench]'
+	@touch $(BENCH_STAMP)
+
+# Benchmarks side by side with real peers; writes bench/results.md and bench/results.png.
+# Never part of `make test`.
+bench: $(BENCH_STAMP)
+	bash bench/install.sh
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 demo: $(STAMP)
 	$(BIN)/python -m tbot_py.demo $(if $(OUT),--out $(OUT),)
