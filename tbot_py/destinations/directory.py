@@ -261,6 +261,10 @@ class DirectoryDestination:
             return ()
         if self.readers:
             return self.readers
+        try:
+            os.getxattr(dir_fd, "system.posix_acl_access")
+        except OSError:
+            return ()  # no ACL on the directory (the common case): skip loading the ACL code
         from tbot_py.destinations.acl import readers_from_acl
 
         # Readers that `tbot-py init --reader-user` left on the directory itself; the
