@@ -59,6 +59,8 @@ from tbot_py.identity import keys
 log = logging.getLogger("tbot_py.authservice")
 
 MAX_BODY_BYTES = 64 * 1024
+#: How many checked bot certificates :class:`VerifiedCallers` remembers.
+VERIFIED_CALLERS = 1024
 
 Clock = Callable[[], datetime]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -100,6 +102,37 @@ def certificate_profile(bot: BotRecord, roles: Sequence[Role]) -> ca.BotProfile:
     )
 
 
+class VerifiedCallers:
+    """Bot certificates that passed :func:`check_bot_certificate`, remembered by exact DER.
+
+    A keep-alive connection presents the same certificate on every request. The check
+    depends on the certificate, on the CAs (fixed for the life of the process) and on the
+    time only through the validity window: a certificate that passed at ``t`` passes at
+    every ``now`` in ``[t, NotAfter)``. Within that span the remembered answer is the
+    answer; outside it (expiry, or an injected clock going back) the certificate is
+    checked again. Refusals are never remembered. This spares parsing the certificate
+    and verifying its signature on each request; locks and the bot's existence are
+    still checked in storage on every call.
+    """
+
+    def __init__(self, cas: ca.ClusterCAs, size: int = VERIFIED_CALLERS) -> None:
+        self._cas = cas
+        self._size = size
+        self._passed: dict[bytes, tuple[BotCaller, datetime]] = {}
+
+    def check(self, der: bytes | None, now: datetime) -> BotCaller:
+        """As ``check_bot_certificate(der, cas, now)``; raises AccessDenied."""
+        seen = self._passed.get(der) if der else None
+        if seen is not None and seen[1] <= now < seen[0].not_after:
+            return seen[0]
+        caller = check_bot_certificate(der, self._cas, now)
+        assert der is not None  # the check refuses a missing certificate
+        if len(self._passed) >= self._size:
+            del self._passed[next(iter(self._passed))]  # the oldest
+        self._passed[der] = (caller, now)
+        return caller
+
+
 class AuthAPI:
     """The request handlers, bound to one opened cluster."""
 
@@ -116,6 +149,7 @@ class AuthAPI:
         self.clock = clock
         self.join_limiter = join_limiter if join_limiter is not None else SourceRateLimiter()
         self.audit_log = audit.AuditLog(audit.audit_log_path(cluster.data_dir))
+        self.callers = VerifiedCallers(cluster.cas)
 
     # -- unauthenticated ------------------------------------------------------------
 
@@ -169,7 +203,7 @@ class AuthAPI:
                 now=now,
             )
             fields.update(bot=bot.name, instance=instance_id, generation=1)
-            roles = await self._roles(bot, bot.roles, required=False)
+            roles = await asyncio.to_thread(self._roles, bot, bot.roles, required=False)
             certs = ca.issue_bot_identity(
                 self.cluster.cas,
                 certificate_profile(bot, roles),
@@ -200,9 +234,14 @@ class AuthAPI:
             req = wire.RenewRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
             expires = ca.grant_expiry(req.expires, now)
-            bot = await self._bot(caller)
+
+            def load() -> tuple[BotRecord, list[Role]]:
+                bot = self._bot(caller)
+                return bot, self._roles(bot, bot.roles, required=False)
+
+            bot, roles = await asyncio.to_thread(load)
             ident = caller.identity
-            profile = certificate_profile(bot, await self._roles(bot, bot.roles, required=False))
+            profile = certificate_profile(bot, roles)
 
             def issue(generation: int) -> tuple[str, datetime]:
                 certs = ca.issue_bot_identity(
@@ -254,13 +293,20 @@ class AuthAPI:
             fields["resource"] = f"bot/{fields['bot']}"
             req = wire.ImpersonateRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
-            bot = await self._known_instance(caller, now)
-            roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
-            for role in roles:
-                if role not in bot.roles:
-                    raise AccessDenied(f'role "{role[:64]}" is not allowed for bot "{bot.name}"')
-            fields["roles"] = ",".join(roles)
-            granted = await self._roles(bot, roles, required=True)
+
+            def authorize() -> tuple[BotRecord, tuple[str, ...], list[Role]]:
+                # One trip to a worker thread for every lookup (each is its own transaction).
+                bot = self._known_instance(caller, now)
+                roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
+                for role in roles:
+                    if role not in bot.roles:
+                        raise AccessDenied(
+                            f'role "{role[:64]}" is not allowed for bot "{bot.name}"'
+                        )
+                fields["roles"] = ",".join(roles)
+                return bot, roles, self._roles(bot, roles, required=True)
+
+            bot, roles, granted = await asyncio.to_thread(authorize)
             # An output never outlives the bot identity that asked for it, nor the
             # shortest max_session_ttl of its roles.
             not_after = caller.not_after
@@ -287,7 +333,7 @@ class AuthAPI:
         with self._audit("bot.cas", request) as fields:
             fields["resource"] = f"cert_authority/{self.cluster.name}"
             now = self.clock()
-            await self._known_instance(self._caller(request, now, fields), now)
+            await asyncio.to_thread(self._known_instance, self._caller(request, now, fields), now)
         cas = self.cluster.cas
         name = self.cluster.name
         authorities = [
@@ -310,7 +356,7 @@ class AuthAPI:
     def _caller(self, request: web.Request, now: datetime, fields: dict[str, Any]) -> BotCaller:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        caller = check_bot_certificate(der, self.cluster.cas, now)
+        caller = self.callers.check(der, now)
         fields.update(
             bot=caller.identity.bot_name,
             instance=caller.identity.bot_instance_id,
@@ -318,21 +364,23 @@ class AuthAPI:
         )
         return caller
 
-    async def _bot(self, caller: BotCaller) -> BotRecord:
+    # The storage helpers below block: handlers run them in a worker thread.
+
+    def _bot(self, caller: BotCaller) -> BotRecord:
         name = caller.identity.bot_name
-        bot = await asyncio.to_thread(self.cluster.storage.bots.get, name)
+        bot = self.cluster.storage.bots.get(name)
         if bot is None:
             raise AccessDenied(f'bot "{name}" no longer exists')
         return bot
 
-    async def _roles(self, bot: BotRecord, names: tuple[str, ...], *, required: bool) -> list[Role]:
+    def _roles(self, bot: BotRecord, names: tuple[str, ...], *, required: bool) -> list[Role]:
         """The stored roles ``names``, in order.
 
         A missing role is an error when ``required`` (an output asking for it).
         Otherwise it grants nothing: a bot created before roles existed keeps
         renewing its own identity while the admin creates them.
         """
-        found = await asyncio.to_thread(self.cluster.storage.roles.get_many, names)
+        found = self.cluster.storage.roles.get_many(names)
         missing = [name for name in names if name not in found]
         if missing and required:
             raise AccessDenied(role_not_found(missing[0]))
@@ -344,12 +392,10 @@ class AuthAPI:
             )
         return [found[name] for name in names if name in found]
 
-    async def _known_instance(self, caller: BotCaller, now: datetime) -> BotRecord:
+    def _known_instance(self, caller: BotCaller, now: datetime) -> BotRecord:
         """The caller's bot, once its instance is known and neither is locked."""
-        bot = await self._bot(caller)
-        await asyncio.to_thread(
-            self.cluster.storage.instances.admit, bot.name, caller.identity.bot_instance_id, now
-        )
+        bot = self._bot(caller)
+        self.cluster.storage.instances.admit(bot.name, caller.identity.bot_instance_id, now)
         return bot
 
     def _audit(self, event: str, request: web.Request) -> AbstractContextManager[dict[str, Any]]:

@@ -21,12 +21,13 @@ import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.serialization import ssh
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tbot_py.authservice import _sshcert
 from tbot_py.authservice.errors import BadParameter
 from tbot_py.client.wire import Certs
 from tbot_py.identity import keys, tlsid
@@ -58,7 +59,8 @@ class Authority:
     key: keys.PrivateKey
     cert: x509.Certificate
 
-    @property
+    # The public encodings are cached: every issued identity carries them.
+    @cached_property
     def cert_pem(self) -> bytes:
         """The CA certificate as PEM."""
         return self.cert.public_bytes(serialization.Encoding.PEM)
@@ -68,10 +70,16 @@ class Authority:
         """The CA private key as PKCS#8 PEM (a secret: only the data directory holds it)."""
         return keys.private_key_pem(self.key)
 
-    @property
+    @cached_property
     def ssh_public_key_line(self) -> bytes:
         """The CA's SSH public key as an authorized_keys line."""
         return keys.ssh_public_key_line(self.key.public_key())
+
+    @cached_property
+    def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
+        """The AuthorityKeyIdentifier extension of every leaf this CA signs."""
+        ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
     @classmethod
     def from_pem(cls, ca_type: str, key_pem: bytes, cert_pem: bytes) -> Authority:
@@ -97,12 +105,12 @@ class ClusterCAs:
         """The pin clients check on first contact: the host CA signs the server certificate."""
         return keys.ca_pin(self.host.cert)
 
-    @property
+    @cached_property
     def tls_ca_certs(self) -> tuple[bytes, ...]:
         """The TLS CAs sent with every issued identity: user CA, then host CA."""
         return (self.user.cert_pem, self.host.cert_pem)
 
-    @property
+    @cached_property
     def ssh_ca_keys(self) -> tuple[bytes, ...]:
         """The SSH CA keys sent with every issued identity: user CA, then host CA."""
         return (self.user.ssh_public_key_line, self.host.ssh_public_key_line)
@@ -365,19 +373,17 @@ def _sign_ssh_user_cert(
     expires: datetime,
     now: datetime,
 ) -> bytes:
-    builder = (
-        ssh.SSHCertificateBuilder()
-        .public_key(public_key)
-        .serial(secrets.randbits(64))
-        .type(ssh.SSHCertificateType.USER)
-        .key_id(identity.username.encode())
-        .valid_principals([p.encode() for p in identity.principals])
-        .valid_after(int((now - CLOCK_SKEW).timestamp()))
-        .valid_before(int(expires.timestamp()))
+    line = _sshcert.sign_user_certificate(
+        ca.key,
+        public_key,
+        serial=secrets.randbits(64),
+        key_id=identity.username.encode(),
+        principals=[p.encode() for p in identity.principals],
+        valid_after=int((now - CLOCK_SKEW).timestamp()),
+        valid_before=int(expires.timestamp()),
+        extensions={k.encode(): v.encode() for k, v in ssh_extensions(identity).items()},
     )
-    for name, value in ssh_extensions(identity).items():
-        builder = builder.add_extension(name.encode(), value.encode())
-    return builder.sign(ca.key).public_bytes() + b"\n"
+    return line + b"\n"
 
 
 def issue_server_certificate(
@@ -423,7 +429,6 @@ def _sign_leaf(
     usages: Sequence[x509.ObjectIdentifier],
     sans: Sequence[x509.GeneralName] = (),
 ) -> x509.Certificate:
-    ca_ski = ca.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -448,10 +453,7 @@ def _sign_leaf(
             critical=True,
         )
         .add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
+        .add_extension(ca.authority_key_identifier, critical=False)
     )
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)

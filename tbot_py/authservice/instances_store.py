@@ -20,7 +20,7 @@ import hashlib
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from tbot_py.authservice import _sql, locks
 from tbot_py.authservice.bots_store import BotRecord, get_bot
@@ -28,6 +28,11 @@ from tbot_py.authservice.errors import AccessDenied, GenerationMismatch, NotFoun
 from tbot_py.authservice.tokens_store import TOKEN_NOT_VALID, take_token
 
 _COLUMNS = "id, bot_name, generation, created_at, last_seen_at"
+
+
+#: ``last_seen_at`` is kept to this resolution: a request within it of the last one
+#: recorded writes nothing, so serving certificates costs no disk sync each time.
+LAST_SEEN_RESOLUTION = timedelta(seconds=60)
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,16 @@ class InstanceStore:
         Raises Locked when a lock is in force on the instance or its bot, and
         AccessDenied when the instance does not exist.
         """
+        with self._transaction() as conn:
+            locks.refuse_if_locked(conn, bot_name, instance_id, now)
+            row = conn.execute(
+                "SELECT last_seen_at FROM bot_instances WHERE id = ? AND bot_name = ?",
+                (instance_id, bot_name),
+            ).fetchone()
+        if row is None:
+            raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
+        if row[0] is not None and now - _sql.dt(row[0]) < LAST_SEEN_RESOLUTION:
+            return  # seen recently: no write (and no wait for the disk) on every request
         with self._transaction(write=True) as conn:
             locks.refuse_if_locked(conn, bot_name, instance_id, now)
             updated = conn.execute(

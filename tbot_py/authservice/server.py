@@ -5,6 +5,15 @@ CA (saved in the data directory), so clients that pinned the host CA trust it.
 Client certificates are optional at the TLS layer (the token join has none)
 and, when present, must chain to the user CA; the handlers decide which
 endpoints need one.
+
+With ``workers`` > 1 the process binds the socket, then forks that many worker
+processes that all accept on it, each with its own event loop, and supervises
+them: SIGTERM or SIGINT stops them all, and if one dies the others are stopped
+and ``serve`` fails. This is safe because every storage operation is one
+transaction on its own connection (SQLite's locking or PostgreSQL's serialise
+them across processes) and audit lines are single ``O_APPEND`` writes. What is
+per worker: the join rate limiter, which lives in memory, so one source may make
+up to ``workers`` times ``--join-rate`` attempts.
 """
 
 from __future__ import annotations
@@ -22,7 +31,8 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import NoReturn
 
 from aiohttp import web
 
@@ -33,7 +43,7 @@ from tbot_py.authservice.cluster import (
     open_cluster,
     write_server_credentials,
 )
-from tbot_py.authservice.errors import BadParameter
+from tbot_py.authservice.errors import AuthServiceError, BadParameter
 from tbot_py.authservice.ratelimit import DEFAULT_JOIN_RATE, Rate, SourceRateLimiter
 
 log = logging.getLogger("tbot_py.authservice")
@@ -41,6 +51,7 @@ log = logging.getLogger("tbot_py.authservice")
 #: How long stopping waits for in-flight requests.
 SHUTDOWN_TIMEOUT_S = 2.0
 START_TIMEOUT_S = 30.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def parse_host_port(value: str, *, what: str, port_required: bool = True) -> tuple[str, int]:
@@ -126,9 +137,11 @@ async def _run(
     clock: Clock,
     *,
     join_rate: Rate,
+    creds: ServerCredentials | None = None,
 ) -> None:
     try:
-        creds = write_server_credentials(cluster, listener.sans)
+        if creds is None:
+            creds = write_server_credentials(cluster, listener.sans)
         ctx = server_tls_context(cluster, creds)
         app = create_app(
             cluster,
@@ -183,15 +196,19 @@ def serve(
     join_rate: Rate = DEFAULT_JOIN_RATE,
     storage: str | None = None,
     admin_identity: Path | None = None,
+    workers: int = 1,
 ) -> None:
     """Run the auth service in the foreground until SIGTERM or SIGINT.
 
     When it is listening, print one JSON line ``{"addr": ..., "ca_pin": ...}``
     on stdout. Raises AuthServiceError for a bad address or data directory.
-    ``join_rate`` limits join attempts per source address; ``storage``, a
-    ``postgres://`` URL, shares the state and CAs with other replicas.
-    ``admin_identity``, when set, gets a fresh admin identity file on every start.
+    ``join_rate`` limits join attempts per source address (per worker);
+    ``storage``, a ``postgres://`` URL, shares the state and CAs with other
+    replicas. ``admin_identity``, when set, gets a fresh admin identity file on
+    every start. ``workers`` > 1 serves from that many forked processes.
     """
+    if workers < 1:
+        raise BadParameter(f"invalid --workers {workers}: use 1 or more")
     cluster = open_cluster(data_dir, cluster_name=cluster_name, storage=storage)
     listener = _Listener(listen, public_addrs)
     if admin_identity is not None:
@@ -201,6 +218,10 @@ def serve(
         sys.stdout.write(json.dumps({"addr": addr, "ca_pin": cluster.ca_pin}) + "\n")
         sys.stdout.flush()
 
+    if workers > 1:
+        _serve_forked(cluster, listener, workers, ready, join_rate=join_rate)
+        return
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -209,6 +230,100 @@ def serve(
         await _run(cluster, listener, stop, ready, utc_now, join_rate=join_rate)
 
     asyncio.run(main())
+
+
+def _serve_forked(
+    cluster: Cluster,
+    listener: _Listener,
+    workers: int,
+    on_ready: Callable[[str], None],
+    *,
+    join_rate: Rate,
+) -> None:
+    """Fork ``workers`` processes serving ``listener``'s socket; return when all have stopped."""
+    creds = write_server_credentials(cluster, listener.sans)
+    ready_r, ready_w = os.pipe()
+    live: set[int] = set()
+    stopping = False
+
+    def stop_all(signum: int = signal.SIGTERM, frame: FrameType | None = None) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(live):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    # Stop signals wait until every worker is forked and our handler is in place.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        for _ in range(workers):
+            pid = os.fork()
+            if pid == 0:
+                os.close(ready_r)
+                _worker(cluster, listener, creds, ready_w, join_rate)
+            live.add(pid)
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, stop_all)
+    except BaseException:  # fork failed: leave no worker behind
+        stop_all()
+        for pid in live:
+            os.waitpid(pid, 0)
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)
+        listener.sock.close()  # only the workers accept
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    # One byte from each worker once it listens; end of file first means one died.
+    with os.fdopen(ready_r, "rb") as ready:
+        started = len(ready.read(workers))
+    if started == workers and not stopping:
+        on_ready(listener.addr)
+    failed = None
+    while live:
+        pid, status = os.wait()
+        live.discard(pid)
+        if not stopping:
+            failed = (
+                f"auth service worker {pid} exited with status {os.waitstatus_to_exitcode(status)}"
+            )
+            log.error("%s; stopping the others", failed)
+            stop_all()
+    if failed is not None:
+        raise AuthServiceError(failed)
+
+
+def _worker(
+    cluster: Cluster,
+    listener: _Listener,
+    creds: ServerCredentials,
+    ready_fd: int,
+    join_rate: Rate,
+) -> NoReturn:
+    """One forked worker: serve until SIGTERM or SIGINT, then exit without returning."""
+    code = 0
+    try:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
+        def ready(addr: str) -> None:
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
+
+        async def main() -> None:
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in _STOP_SIGNALS:
+                loop.add_signal_handler(sig, stop.set)
+            await _run(cluster, listener, stop, ready, utc_now, join_rate=join_rate, creds=creds)
+
+        asyncio.run(main())
+    except BaseException:
+        log.exception("auth service worker %d failed", os.getpid())
+        code = 1
+    finally:
+        os._exit(code)  # never run the parent's cleanup twice
 
 
 class RunningAuthService:

@@ -22,8 +22,10 @@ reached through a ``Storage`` attribute that shares its transactions:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -150,6 +152,22 @@ class SQLiteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = str(path)
+        # One connection per thread (and per process: workers fork), reused across
+        # transactions; opening one costs more than a small transaction.
+        self._local = threading.local()
+        self._inherited: list[sqlite3.Connection] = []
+
+    def _connection(self) -> sqlite3.Connection:
+        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
+        if cached is not None:
+            if cached[0] == os.getpid():
+                return cached[1]
+            # Inherited through fork (auth service workers): never use it, and never close
+            # it here either, which could disturb the parent's locks; keep it referenced.
+            self._inherited.append(cached[1])
+        conn = self._connect()
+        self._local.conn = (os.getpid(), conn)
+        return conn
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -160,19 +178,18 @@ class SQLiteBackend:
     @contextmanager
     def transaction(self, *, write: bool = False) -> Iterator[_sql.Connection]:
         """One transaction; a write one starts with ``BEGIN IMMEDIATE``."""
-        conn = self._connect()
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield _sql.Connection(
-                    conn, postgres=False, integrity_errors=(sqlite3.IntegrityError,)
-                )
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            yield _sql.Connection(conn, postgres=False, integrity_errors=(sqlite3.IntegrityError,))
             conn.execute("COMMIT")
-        finally:
-            conn.close()
+        except BaseException:
+            # Also when COMMIT itself failed: the reused connection must leave no
+            # transaction open behind it.
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
 
     def prepare(self) -> None:
         """Switch the file to WAL, a property of the file that must be set outside a transaction."""

@@ -36,6 +36,13 @@ from tbot_py.cli.auth._common import data_dir_option, storage_url, user_errors
     help="On every start, write a 12h admin identity file (0600) for the OS user here, "
     "for admin commands with --auth-server and -i.",
 )
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Serve from this many processes sharing the port (the join rate limit is per worker).",
+)
 @user_errors
 def start(
     *,
@@ -45,6 +52,7 @@ def start(
     public_addrs: tuple[str, ...],
     join_rate: str,
     admin_identity: Path | None,
+    workers: int,
 ) -> None:
     """Serve the auth API over HTTPS until SIGTERM or SIGINT.
 
@@ -67,6 +75,7 @@ def start(
         join_rate=rate,
         storage=storage_url(),
         admin_identity=admin_identity,
+        workers=workers,
     )
 
 

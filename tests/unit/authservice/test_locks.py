@@ -203,14 +203,14 @@ def test_checking_locks_is_one_indexed_query_per_call(
     client: AuthClient, joined: Issued, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     statements: list[str] = []
-    connect = SQLiteBackend._connect
+    connection = SQLiteBackend._connection
 
     def traced(backend: SQLiteBackend) -> sqlite3.Connection:
-        conn = connect(backend)
+        conn = connection(backend)  # reused per thread, so trace each time it is handed out
         conn.set_trace_callback(statements.append)
         return conn
 
-    monkeypatch.setattr(SQLiteBackend, "_connect", traced)
+    monkeypatch.setattr(SQLiteBackend, "_connection", traced)
     calls = {
         "renew": lambda: client.renew(joined)[0],
         "certs": lambda: client.impersonate(joined)[0],

@@ -34,7 +34,7 @@ from tbot_py.authservice.roles import (
     RoleConditions,
     new_role,
 )
-from tbot_py.authservice.storage import SCHEMA_VERSION, SchemaTooNew, Storage
+from tbot_py.authservice.storage import SCHEMA_VERSION, SchemaTooNew, SQLiteBackend, Storage
 from tbot_py.identity import keys
 
 from .conftest import theft_denial
@@ -693,3 +693,35 @@ def test_locks_are_stored_enforced_on_join_and_renewal_and_removed(storage: Stor
     assert _renew(storage, 1, now=NOW + timedelta(seconds=2)).generation == 2
     with pytest.raises(NotFound, match="no lock with id"):
         storage.locks.remove(lock.id)
+
+
+def test_admit_records_last_seen_to_a_minute_without_writing_on_every_call(
+    one_instance: Storage,
+) -> None:
+    def last_seen() -> datetime:
+        instance = one_instance.instances.get("ci", "i-1")
+        assert instance is not None
+        return instance.last_seen_at
+
+    start = last_seen()
+    one_instance.instances.admit("ci", "i-1", start + timedelta(seconds=30))
+    assert last_seen() == start  # within the resolution: no write
+    later = start + timedelta(seconds=61)
+    one_instance.instances.admit("ci", "i-1", later)
+    assert last_seen() == later
+    with pytest.raises(AccessDenied):
+        one_instance.instances.admit("ci", "i-missing", later)
+
+
+def test_a_failed_commit_leaves_the_reused_connection_usable(tmp_path: Path) -> None:
+    backend = SQLiteBackend(tmp_path / "t.db")
+    with backend.transaction(write=True) as conn:
+        conn.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+        conn.execute(
+            "CREATE TABLE child (p INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED)"
+        )
+    with pytest.raises(sqlite3.IntegrityError), backend.transaction(write=True) as conn:
+        conn.execute("INSERT INTO child VALUES (42)")  # the deferred check fails at COMMIT
+    # The same (per-thread) connection is reused: it must not still be in a transaction.
+    with backend.transaction(write=True) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM child").fetchone()[0] == 0
