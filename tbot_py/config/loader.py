@@ -11,9 +11,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from tbot_py.config._checks import (
@@ -25,6 +24,9 @@ from tbot_py.config._checks import (
 )
 from tbot_py.config.schema import BotConfig
 from tbot_py.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 __all__ = [
     "config_error_from_validation",
@@ -128,6 +130,8 @@ class _Problem:
 
 
 def _parse_yaml(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
+    import yaml  # here, not at the top: a run configured by flags alone never loads PyYAML
+
     # Errors are raised outside the except blocks: a YAML error quotes the offending text,
     # which may hold a token, and must not ride along as __context__.
     loader = yaml.SafeLoader(text)
@@ -176,6 +180,8 @@ def _record_lines(
     node: yaml.Node, path: Loc, lines: dict[Loc, int], source: str, active: set[int]
 ) -> None:
     """Record the line of every key and list item below ``node``; reject duplicate keys."""
+    import yaml
+
     if id(node) in active:  # a recursive alias; pydantic reports it
         return
     active.add(id(node))
@@ -211,6 +217,8 @@ def _record_lines(
 
 
 def _non_string_key(node: yaml.Node) -> str:
+    import yaml
+
     if not isinstance(node, yaml.ScalarNode):
         return "keys must be plain strings"
     kind = _TAG_NAMES.get(node.tag.rsplit(":", 1)[-1], "a non-string value")

@@ -168,11 +168,11 @@ class DirectoryDestination:
                 self.path,
             )
         current = layout.current_version(dir_fd)
-        removed = layout.prune(dir_fd, keep={current} if current else set())
-        if removed:
-            log.info(
-                "%s: removed what an interrupted write left: %s", self.path, ", ".join(removed)
-            )
+        unfinished = layout.unpublished(dir_fd, current)
+        previous = layout.previous_version(dir_fd, current)
+        layout.prune(dir_fd, keep={name for name in (current, previous) if name is not None})
+        if unfinished:
+            log.info("%s: removed an unfinished write: %s", self.path, ", ".join(unfinished))
         if current is None:
             return
         version_fd = layout.open_version(dir_fd, current)

@@ -311,6 +311,28 @@ def version_names(dir_fd: int) -> list[str]:
         )
 
 
+def unpublished(dir_fd: int, current: str | None) -> list[str]:
+    """Versions and temp links that a write left behind without publishing them.
+
+    Version names sort by creation time, so a version newer than the current one
+    was built and never published (or the clock went back, and it is merely early
+    to remove). Without ``..data`` every version is unpublished.
+    """
+    return [
+        name
+        for name in version_names(dir_fd)
+        if name.startswith(_TEMP_LINK_PREFIX) or current is None or name > current
+    ]
+
+
+def previous_version(dir_fd: int, current: str | None) -> str | None:
+    """The newest version older than the current one: the set published before it."""
+    if current is None:
+        return None
+    older = [name for name in version_names(dir_fd) if is_version_name(name) and name < current]
+    return older[-1] if older else None
+
+
 def prune(dir_fd: int, keep: Iterable[str]) -> list[str]:
     """Remove versions and temp links not in ``keep``; return what was removed. Best effort."""
     kept = set(keep)

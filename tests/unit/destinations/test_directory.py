@@ -387,6 +387,18 @@ def test_init_rolls_back_a_version_that_was_never_published(
     assert _artifacts(dest.path) == {"key": b"k1", "tlscert": b"c1"}
 
 
+def test_a_clean_restart_keeps_the_previous_version_and_reports_nothing(
+    dest: DirectoryDestination, caplog: pytest.LogCaptureFixture
+) -> None:
+    dest.write("key", b"k1")
+    dest.write("key", b"k2")
+    before = _versions(dest.path)
+    with caplog.at_level(logging.INFO):
+        DirectoryDestination(dest.path).init()
+    assert _versions(dest.path) == before
+    assert "unfinished" not in caplog.text
+
+
 def test_init_finishes_a_published_version_whose_links_are_missing(
     dest: DirectoryDestination, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -444,7 +456,9 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_or_mismatched_set(
         flat = _artifacts(dest.path)
         if flat["key"][4:] != flat["tlscert"][5:] or flat["key"][4:] != flat["identity"]:
             mismatched.append((attempt, flat))
-        assert len(_versions(dest.path)) == 1
+        current = os.readlink(dest.path / "..data")
+        assert [v for v in _versions(dest.path) if v > current] == []  # unpublished: removed
+        assert len(_versions(dest.path)) <= 2  # the current set and the one before it
     assert mismatched == []
     assert interrupted >= 10, "too few kills landed inside a write to prove anything"
 
@@ -530,7 +544,7 @@ def test_a_copy_that_followed_the_links_is_adopted(tmp_path: Path) -> None:
     dest = DirectoryDestination(copy)
     dest.init()
     assert (copy / "..data").is_symlink()
-    assert len(_versions(copy)) == 1
+    assert len(_versions(copy)) == 2  # the adopted set, and the copied one before it
     assert _artifacts(copy) == {"key": b"k2", "tlscert": b"c2"}
     dest.write("key", b"k3")
     assert _artifacts(copy) == {"key": b"k3", "tlscert": b"c2"}
