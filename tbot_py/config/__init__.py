@@ -49,6 +49,7 @@ def __getattr__(name: str) -> Any:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = [
     "DEFAULT_CREDENTIAL_TTL",
     "DEFAULT_RENEWAL_INTERVAL",
