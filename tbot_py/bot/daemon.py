@@ -15,8 +15,10 @@ stops while the host is suspended, so a 10 s tick keeps the scheduler looking
 at the wall clock: an overdue renewal runs within seconds of waking up.
 
 Outputs are isolated: each is its own task with its own backoff, and they
-share only the bot's client. Output directories are watched (inotify): a file
-deleted, replaced or chmodded by someone else is rewritten at once.
+share only the bot's client. Up to ``OUTPUT_CONCURRENCY`` of them renew at once,
+over that client's kept-alive connections, and their files are written in worker
+threads. Output directories are watched (inotify): a file deleted, replaced or
+chmodded by someone else is rewritten at once.
 
 Signals: SIGUSR1 renews everything now; SIGHUP re-reads and validates the
 config and swaps services (a broken file is logged and the running config
@@ -64,6 +66,9 @@ WALL_CLOCK_TICK = timedelta(seconds=10)
 SHUTDOWN_GRACE = 30.0
 #: A client replaced by a renewal stays open this long for requests still using it.
 OLD_CLIENT_GRACE = 60.0
+#: How many outputs renew at once. They share the bot's client: a bound lets a cycle of
+#: many outputs reuse a few kept-alive connections instead of opening one per output.
+OUTPUT_CONCURRENCY = 8
 
 
 @dataclass
@@ -88,6 +93,8 @@ class Task:
     backoff: schedule.Backoff = field(default_factory=schedule.Backoff)
     not_after: datetime | None = None
     succeeded_once: bool = False
+    #: The directory and file names the watcher was last given for this output.
+    watched: tuple[str, frozenset[str]] | None = None
 
 
 class Daemon:
@@ -105,6 +112,7 @@ class Daemon:
         rng: random.Random | None = None,
         after_renew_response: Callable[[], None] | None = None,
         watch_config: str | None = None,
+        output_concurrency: int = OUTPUT_CONCURRENCY,
     ) -> None:
         from tbot_py.diagnostics.health import HealthRegistry
 
@@ -132,6 +140,7 @@ class Daemon:
         self._files: DirectoryWatcher | None = None
         self._config_watcher: ConfigWatcher | None = None
         self._pending_outputs: list[Task] = []
+        self._output_slots = asyncio.Semaphore(output_concurrency)
         # Registered at once: /readyz must never be healthy before anything was written.
         self.health.register(BOT_TASK, "bot")
 
@@ -274,7 +283,11 @@ class Daemon:
         log.info("SIGUSR1 received: renewing every credential now")
         now = self.clock()
         for name in self._tasks:
-            if self._scheduler is not None and self._scheduler.get_job(name) is not None:
+            if name in self._next_runs:
+                # Its run has ended and booked the next one, which the scheduler's listener
+                # has not made yet: book it for now instead (else this signal would be lost).
+                self._next_runs[name] = now
+            elif self._scheduler is not None and self._scheduler.get_job(name) is not None:
                 self._schedule(name, now)
 
     async def _run_task(self, name: str) -> None:
@@ -291,7 +304,8 @@ class Daemon:
             if task.output is None:
                 identity = await self._renew_bot()
             else:
-                result = await task.output.generate(self._bot_context())
+                async with self._output_slots:
+                    result = await task.output.generate(self._bot_context())
                 identity, changed, files = result.identity, result.changed, result.files
                 self._watch_output(task, result.written)
         except Exception as exc:  # every failure is classified; none escapes the loop
@@ -308,8 +322,11 @@ class Daemon:
         path = getattr(getattr(task.output, "destination", None), "path", None)
         if self._files is None or path is None:
             return
-        # Re-watching is cheap and idempotent; expectations are what we just wrote.
-        self._files.watch(task.name, str(path), written, self._on_tampered)
+        # Watch again only what changed: each watch() re-indexes every output's files.
+        watched = (str(path), frozenset(written))
+        if task.watched != watched:
+            self._files.watch(task.name, str(path), written, self._on_tampered)
+            task.watched = watched
         self._files.expect_writes(task.name, written)
 
     def _on_success(self, task: Task, identity: Identity, duration: float) -> None:

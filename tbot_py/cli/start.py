@@ -26,8 +26,6 @@ from tbot_py.config import (
     append_service,
     apply_overrides,
     identity_service_from_flags,
-    load_config_file,
-    render_config_yaml,
 )
 from tbot_py.errors import ConfigError
 
@@ -154,6 +152,8 @@ def _build_config(params: dict[str, Any], *, load_file: bool) -> BotConfig:
     base = None
     path = params.get("config_path")
     if load_file and path:
+        from tbot_py.config.loader import load_config_file  # YAML only when there is a file
+
         base = load_config_file(path)
     overrides = CLIOverrides(
         proxy_server=params.get("proxy_server"),
@@ -331,6 +331,8 @@ def configure_identity(**params: Any) -> None:
             "configure builds the config from flags only; ignoring -c %s", params["config_path"]
         )
     config = _with_identity_service(_build_config(params, load_file=False), params)
+    from tbot_py.config.render import render_config_yaml
+
     text = render_config_yaml(config)
     output = params.get("output")
     if not output:

@@ -7,7 +7,9 @@ the destination, which replaces each file atomically.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -79,6 +81,12 @@ class IdentityService:
             tls_routing=bot.ping.tls_routing_enabled,
         )
 
+    def _store(self, files: Mapping[str, bytes]) -> bool:
+        """Write ``files`` (blocking); whether any differs from what the destination held."""
+        changed = self.destination.read_many(files) != files
+        self.destination.write_many(files)
+        return changed
+
     async def generate(self, bot: BotContext) -> GenerateResult:
         """Issue a fresh impersonated identity and write every artifact."""
         key = keys.generate_private_key()
@@ -111,8 +119,9 @@ class IdentityService:
             known_hosts=self._known_hosts_target(bot),
             ssh_config_dir=directory,
         )
-        changed = self.destination.read_many(files) != files
-        self.destination.write_many(files)
+        # In a worker thread: a directory write fsyncs every file, and on the event loop a
+        # daemon with many outputs would renew them one fsync at a time.
+        changed = await asyncio.to_thread(self._store, files)
         log.info(
             "%s: wrote %d files to %s (%s, roles %s, principals %s, valid %s to %s)",
             self.name,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 
@@ -235,3 +237,25 @@ def test_empty_roles_ask_for_every_role_the_bot_holds(
     settings = dataclasses.replace(SETTINGS, roles=())
     result = _generate(service, token, settings, MemoryDestination())
     assert result.identity.roles == ("access", "dev")
+
+
+class _ThreadRecordingDestination(MemoryDestination):
+    """A memory destination that records which thread wrote to it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writer_threads: set[int] = set()
+
+    def write_many(self, files: Mapping[str, bytes]) -> None:
+        self.writer_threads.add(threading.get_ident())
+        super().write_many(files)
+
+
+def test_files_are_written_off_the_event_loop_thread(
+    service: RunningAuthService, token: str
+) -> None:
+    """A directory write fsyncs each file; on the loop it would stall every other output."""
+    destination = _ThreadRecordingDestination()
+    _generate(service, token, SETTINGS, destination)
+    assert destination.writer_threads
+    assert threading.get_ident() not in destination.writer_threads
