@@ -127,6 +127,10 @@ def current_version(dir_fd: int) -> str | None:
         raise
     if not is_version_name(target):
         raise LayoutError(DATA_LINK, f"points at {target!r}, which is not a tbot-py version")
+    try:
+        os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # its version was deleted by hand: as if nothing were published yet
     return target
 
 
@@ -154,11 +158,19 @@ def open_version(dir_fd: int, version: str) -> int:
 
 
 def read_file(dir_fd: int, name: str) -> bytes | None:
-    """The bytes of regular file ``name`` in ``dir_fd``; None if missing. Follows no symlink."""
+    """The bytes of regular file ``name`` in ``dir_fd``; None if missing. Follows no symlink.
+
+    A symlink counts as missing: at a flat name it is one of our links whose version is
+    gone, or something planted, and neither is read through.
+    """
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             raise LayoutError(name, "is not a regular file")

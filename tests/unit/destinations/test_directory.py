@@ -573,3 +573,14 @@ def test_two_processes_writing_the_same_directory_take_turns(dest: DirectoryDest
     assert final["key"] is not None
     assert final["tlscert"] == b"cert " + final["key"][4:]
     assert len(_versions(dest.path)) <= 2
+
+
+def test_a_version_deleted_by_hand_reads_as_empty_and_the_next_write_recovers(
+    dest: DirectoryDestination,
+) -> None:
+    dest.write_many({"key": b"k1", "tlscert": b"c1"})
+    shutil.rmtree(_current(dest.path))
+    assert dest.read_many(["key", "tlscert"]) == {"key": None, "tlscert": None}
+    DirectoryDestination(dest.path).init()
+    dest.write_many({"key": b"k2", "tlscert": b"c2"})
+    assert _artifacts(dest.path) == {"key": b"k2", "tlscert": b"c2"}
