@@ -36,6 +36,7 @@ from common import (
     clean_env,
     free_port,
     need,
+    stop_process,
 )
 from oneshot import Bot, Measured, measure, python_env, verify_identity
 
@@ -146,12 +147,7 @@ def pebble(directory: Path, http_port: int) -> Iterator[str]:
                 time.sleep(0.05)
         yield f"https://127.0.0.1:{listen}/dir"
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
         log.close()
 
 

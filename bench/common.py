@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -166,6 +167,16 @@ class AuthService:
         return token
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10) -> None:
+    """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 @contextmanager
 def auth_service(data_dir: Path, *extra: str) -> Iterator[AuthService]:
     """Start the auth service (a real process) and stop it on exit."""
@@ -182,9 +193,4 @@ def auth_service(data_dir: Path, *extra: str) -> Iterator[AuthService]:
         ready = json.loads(line)
         yield AuthService(data_dir, ready["addr"], ready["ca_pin"], process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from common import TBOT, AuthService, Context, Row, Stats, auth_service, clean_env
+from common import TBOT, AuthService, Context, Row, Stats, auth_service, clean_env, stop_process
 
 NAME = "fanout"
 COUNTS = (1, 10, 100)
@@ -74,12 +74,7 @@ def running_daemon(config: Path, log: Path) -> Iterator[Popen]:
         try:
             yield process
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, timeout=30)
 
 
 def wait_rewritten(paths: list[Path], before: list[bytes | str | None], daemon: Popen) -> float:

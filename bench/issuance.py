@@ -40,7 +40,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from common import PYTHON, TBOT, Context, Row, Stats, auth_service, clean_env, free_port, need
+from common import (
+    PYTHON,
+    TBOT,
+    Context,
+    Row,
+    Stats,
+    auth_service,
+    clean_env,
+    free_port,
+    need,
+    stop_process,
+)
 
 NAME = "issuance"
 TARGET_RATIO = 1.0
@@ -224,12 +235,7 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    stop_process(process)
 
 
 def _tree_cpu_s(pid: int) -> float:
