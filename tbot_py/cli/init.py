@@ -422,10 +422,11 @@ def _survey(dir_fd: int, stack: contextlib.ExitStack, *, clean: bool) -> _Conten
             contents.dirs.append(name)
             fd = stack.enter_context(_closing(os.open(name, _OPEN_DIR, dir_fd=dir_fd)))
             contents.versions[name] = (fd, version_files(fd))
-        elif stat.S_ISREG(mode) and (name == LOCK_NAME or not clean):
-            # A file of an older layout may hold a key: kept (without --clean) and protected.
+        elif stat.S_ISREG(mode) and (is_layout_entry(name) or not clean):
+            # The layout's lock files are ours. A file of an older layout may hold a key:
+            # kept (without --clean) and protected.
             contents.files.append(name)
-            if name != LOCK_NAME:
+            if not is_layout_entry(name):
                 contents.old_files.append(name)
         else:
             contents.strays.append(name)

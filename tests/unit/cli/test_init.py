@@ -49,6 +49,7 @@ def make_layout(dest: Path) -> None:
     (dest / "key").symlink_to("..data/key")
     (dest / "lock").write_bytes(b"")
     (dest / "lock").chmod(0o644)
+    (dest / "..lock").write_bytes(b"")  # the daemon's write lock
     (dest / "tlscert").write_bytes(b"from an older layout")
     (dest / "tlscert").chmod(0o644)
     (dest / "notes").mkdir()
@@ -96,7 +97,7 @@ def test_clean_removes_only_what_is_not_ours(
     passwd = Path("/etc/passwd").read_bytes()
     code, out, err = run(["--destination-dir", str(dest), "--clean"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in dest.iterdir()) == [VERSION, "..data", "key", "lock"]
+    assert sorted(p.name for p in dest.iterdir()) == [VERSION, "..data", "..lock", "key", "lock"]
     assert (dest / "key").read_bytes() == b"key"
     assert Path("/etc/passwd").read_bytes() == passwd  # the link went, not its target
     removed = [line for line in out.splitlines() if line.startswith("  removed: ")]
