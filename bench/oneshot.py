@@ -187,7 +187,7 @@ class PackageCost:
 
 
 def by_package(imports: list[Import]) -> dict[str, PackageCost]:
-    """Per top-level package, what its imports cost (httpx's cumulative includes httpcore's)."""
+    """Per top-level package, what its imports cost (pydantic's cumulative includes its core's)."""
     costs: dict[str, PackageCost] = {}
     largest: dict[str, int] = {}
     for i in imports:
@@ -260,7 +260,8 @@ def _package_table(runs: list[list[Import]], baseline: set[str]) -> str:
     return (
         f"top {TOP_PACKAGES} packages by cumulative import time, median of {len(runs)} "
         "-X importtime runs (cumulative: entries into the package with what they pulled in, "
-        "so httpx includes httpcore; self: the package's own modules; via: who imported it): "
+        "so pydantic includes pydantic_core; self: the package's own modules; via: who "
+        "imported it): "
         + "; ".join(cells)
         + f". tbot_py's own modules: self {_median([t['tbot_py'].own for t in tables]):.0f} ms, "
         "most in "

@@ -77,8 +77,6 @@ def setup_logging(debug: bool, log_format: str = "text") -> None:
     )
     # APScheduler narrates every job run at INFO; our own lines say what matters.
     logging.getLogger("apscheduler").setLevel(logging.DEBUG if debug else logging.WARNING)
-    # httpx logs every request at INFO; that is our debug detail, not the operator's.
-    logging.getLogger("httpx").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,4 +1,4 @@
-"""The auth service client over HTTPS (httpx).
+"""The auth service client over HTTPS (our own small HTTP/1.1 client, :mod:`._http1`).
 
 Every call returns a typed value from :mod:`tbot_py.client.wire` or raises one
 :class:`tbot_py.errors.ClientError` subclass whose message is one safe line:
@@ -8,14 +8,14 @@ the URL, the status and the server's error message, never the request body.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import ssl
 from typing import Any, TypeVar
 
-import httpx
-
 from tbot_py import __version__
 from tbot_py.client import wire
+from tbot_py.client._http1 import ConnectionPool, HTTPProtocolError, Response
 from tbot_py.errors import (
     AccessDenied,
     BadParameter,
@@ -29,6 +29,7 @@ from tbot_py.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _STATUS_ERRORS: dict[int, type[ClientError]] = {
     400: BadParameter,
@@ -53,55 +54,43 @@ def _one_line(text: str) -> str:
     return text if len(text) <= _MAX_MESSAGE else text[: _MAX_MESSAGE - 1] + "…"
 
 
-def _request_error(exc: httpx.RequestError, url: str) -> ClientError:
+def _request_error(exc: OSError | HTTPProtocolError, url: str) -> ClientError:
     """Classify a failed request: TLS trust, TLS or HTTP protocol, or plain connectivity."""
-    if isinstance(exc, httpx.DecodingError):
-        return ProtocolError("server sent a response body that cannot be decoded", url=url)
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            reason = cause.verify_message or cause.reason or str(cause)
-            return TrustError(
-                f"cannot verify the server's TLS certificate ({reason}); "
-                "check ca_pins/ca_path and the address",
-                url=url,
-            )
-        if isinstance(cause, ssl.SSLError):
-            return ProtocolError(
-                f"TLS handshake failed ({cause.reason or cause}); is this a tbot-py auth "
-                "service speaking HTTPS?",
-                url=url,
-            )
-        cause = cause.__cause__ or cause.__context__
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        reason = exc.verify_message or exc.reason or str(exc)
+        return TrustError(
+            f"cannot verify the server's TLS certificate ({reason}); "
+            "check ca_pins/ca_path and the address",
+            url=url,
+        )
+    if isinstance(exc, ssl.SSLError):
+        return ProtocolError(
+            f"TLS handshake failed ({exc.reason or exc}); is this a tbot-py auth "
+            "service speaking HTTPS?",
+            url=url,
+        )
+    if isinstance(exc, TimeoutError):
         return ConnectionProblem("timed out waiting for the auth service", url=url)
-    if isinstance(exc, httpx.RemoteProtocolError):
+    if isinstance(exc, HTTPProtocolError):
         return ProtocolError(f"server broke the HTTP protocol: {_one_line(str(exc))}", url=url)
-    return ConnectionProblem(f"cannot reach the auth service: {_one_line(str(exc))}", url=url)
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return ConnectionProblem(f"cannot reach the auth service: {_one_line(reason)}", url=url)
 
 
 class AuthClient:
     """Talks to one auth service address with one TLS context (verified, or mTLS)."""
 
-    def __init__(
-        self,
-        addr: str,
-        ctx: ssl.SSLContext,
-        *,
-        timeout: float = 30.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
+    def __init__(self, addr: str, ctx: ssl.SSLContext, *, timeout: float = 30.0) -> None:
         self.addr = normalize_addr(addr)
         self.base_url = f"https://{self.addr}"
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            verify=ctx,
-            timeout=timeout,
-            transport=transport,
-            headers={"User-Agent": f"tbot-py/{__version__}"},
-            follow_redirects=False,
-            trust_env=False,
-        )
+        try:
+            self._http = ConnectionPool(
+                self.addr, ctx, timeout=timeout, user_agent=f"tbot-py/{__version__}"
+            )
+        except ValueError:
+            raise ConnectionProblem(
+                "the address is not host:port with a port from 1 to 65535", url=self.base_url
+            ) from None
 
     async def __aenter__(self) -> AuthClient:
         return self
@@ -110,31 +99,35 @@ class AuthClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._http.aclose()
+        await self._http.close()
 
     async def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
         url = self.base_url + path
+        content = None
+        if body is not None:
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
         try:
-            response = await self._http.request(method, path, json=body)
-        except httpx.RequestError as exc:
+            response = await self._http.request(method, path, content, "application/json")
+        except (OSError, HTTPProtocolError) as exc:
             raise _request_error(exc, url) from None
-        if response.status_code == 200:
-            return response.content
+        log.debug("%s %s: HTTP %d", method, url, response.status)
+        if response.status == 200:
+            return response.body
         raise self._status_error(response, url, plain_text_ok=body is None)
 
     @staticmethod
-    def _status_error(response: httpx.Response, url: str, *, plain_text_ok: bool) -> ClientError:
-        status = response.status_code
+    def _status_error(response: Response, url: str, *, plain_text_ok: bool) -> ClientError:
+        status = response.status
         content_type = response.headers.get("content-type", "")
         try:
-            message = wire.error_message(response.json())
+            message = wire.error_message(json.loads(response.body))
         except ValueError:
             message = None
-        plain = content_type.startswith("text/plain") and response.text.strip()
-        if message is None and plain_text_ok and plain:
+        text = response.body.decode("utf-8", errors="replace").strip()
+        if message is None and plain_text_ok and text and content_type.startswith("text/plain"):
             # Teleport's export endpoint answers errors in plain text. Only trusted for
             # requests without a body: a server reflecting a join request would echo the token.
-            message = response.text.strip().splitlines()[0]
+            message = text.splitlines()[0]
         if message is None:
             message = f"unexpected answer ({content_type or 'no content type'})"
         message = _one_line(message)
@@ -152,6 +145,10 @@ class AuthClient:
             raise ProtocolError(
                 "server answered with something that is not JSON", url=self.base_url + path
             ) from None
+
+    async def call_json(self, method: str, path: str, body: dict[str, Any] | None = None) -> object:
+        """Any other JSON endpoint (the CLI's admin commands use it): the decoded answer."""
+        return await self._json(method, path, body)
 
     def _decode(self, path: str, parse: Any, doc: object) -> Any:
         try:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 
 FORBIDDEN = ("aiohttp", "tbot_py.authservice", "apscheduler", "prometheus_client", "sqlite3")
+#: The bot talks HTTP/1.1 itself (tbot_py.client._http1); httpx stays a test-only dependency.
+HTTP_LIBRARIES = ("httpx", "httpcore", "anyio", "h11")
 
 
 def loaded_modules(code: str) -> list[str]:
@@ -21,7 +23,13 @@ def test_oneshot_path_imports_no_server_scheduler_or_metrics_code() -> None:
     modules = loaded_modules(
         "import tbot_py.cli.main, tbot_py.cli.start, tbot_py.bot.oneshot, tbot_py.demo"
     )
-    offenders = [m for m in modules if m.startswith(FORBIDDEN)]
+    offenders = [m for m in modules if m.startswith(FORBIDDEN + HTTP_LIBRARIES)]
+    assert offenders == []
+
+
+def test_daemon_and_admin_cli_import_no_http_library() -> None:
+    modules = loaded_modules("import tbot_py.bot.daemon, tbot_py.cli.auth.remote")
+    offenders = [m for m in modules if m.startswith(HTTP_LIBRARIES)]
     assert offenders == []
 
 

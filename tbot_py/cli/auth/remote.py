@@ -1,24 +1,22 @@
 """The admin commands against a running auth service: ``--auth-server H:P -i FILE``.
 
-A small synchronous client for the server's ``/v1/admin/`` API. Everything it
-trusts and presents comes from the identity file (``auth start
---write-admin-identity``): the server must chain to the file's TLS CAs, and the
-file's certificate and key are the client certificate. Errors are the same
-safe, one-line :class:`~tbot_py.errors.ClientError` the daemon's client raises.
+The daemon's client (:class:`~tbot_py.client.http.AuthClient`), called
+synchronously, on the server's ``/v1/admin/`` API. Everything it trusts and
+presents comes from the identity file (``auth start --write-admin-identity``):
+the server must chain to the file's TLS CAs, and the file's certificate and key
+are the client certificate. Errors are the same safe, one-line
+:class:`~tbot_py.errors.ClientError` the daemon's client raises.
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from tbot_py import __version__
 from tbot_py.client import tls
-from tbot_py.client.http import AuthClient, _request_error, normalize_addr
-from tbot_py.errors import IdentityError, ProtocolError
+from tbot_py.client.http import AuthClient
+from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
 from tbot_py.identity.identityfile import IdentityFile, parse_identity_file
 
@@ -35,7 +33,7 @@ class RemoteAdmin:
                 "use the file auth start --write-admin-identity wrote"
             )
         self.identity = identity
-        self.base_url = f"https://{normalize_addr(addr)}"
+        self.addr = addr
         self._ctx = tls.mtls_context(
             identity.tls_cert_pem, identity.private_key_pem, identity.tls_ca_pems
         )
@@ -62,25 +60,8 @@ class RemoteAdmin:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """``method`` ``/v1/admin/<path>`` with a JSON ``body``; the decoded JSON answer."""
-        full = f"{ADMIN_PREFIX}/{path}"
-        url = self.base_url + full
-        try:
-            with httpx.Client(
-                base_url=self.base_url,
-                verify=self._ctx,
-                timeout=self._timeout,
-                headers={"User-Agent": f"tbot-py/{__version__}"},
-                follow_redirects=False,
-                trust_env=False,
-            ) as http:
-                response = http.request(method, full, json=body)
-        except httpx.RequestError as exc:
-            raise _request_error(exc, url) from None
-        if response.status_code != 200:
-            raise AuthClient._status_error(response, url, plain_text_ok=False)
-        try:
-            return json.loads(response.content)
-        except ValueError:
-            raise ProtocolError(
-                "server answered with something that is not JSON", url=url
-            ) from None
+        return asyncio.run(self._call(method, f"{ADMIN_PREFIX}/{path}", body))
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> object:
+        async with AuthClient(self.addr, self._ctx, timeout=self._timeout) as client:
+            return await client.call_json(method, path, body)

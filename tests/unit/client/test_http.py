@@ -1,26 +1,22 @@
 """AuthClient: requests, response decoding and the mapping of every failure to one safe line.
 
-Status and body handling use ``httpx.MockTransport``; transport failures (refused
-connection, wrong CA, a server that does not speak TLS or HTTP) use real sockets
-on 127.0.0.1.
+Every test talks to a real server on 127.0.0.1: a scripted TLS server
+(:mod:`.scripted_server`) that answers with the bytes a test chooses, or the real
+auth service. The transport itself (framing, keep-alive, limits) is tested in
+``test_http_transport.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import json
+import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
-from pathlib import Path
+from collections.abc import Awaitable
 from typing import Any, NamedTuple
 
-import httpx
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
 
 from tbot_py import __version__
 from tbot_py.authservice.server import RunningAuthService
@@ -39,34 +35,32 @@ from tbot_py.errors import (
 )
 from tbot_py.identity import keys
 
-ADDR = "auth.example.com:3025"
-BASE = f"https://{ADDR}"
+from .scripted_server import (
+    Answer,
+    Call,
+    Request,
+    Script,
+    ScriptedServer,
+    fail,
+    respond,
+    respond_json,
+    self_signed_ca_pem,
+    served,
+)
+
 SECRET_TOKEN = "join-token-5f3a9c-never-show-me"
 KEY = keys.generate_private_key()
 PUBLIC_KEYS = wire.PublicKeys(
     tls=keys.public_key_pem(KEY.public_key()), ssh=keys.ssh_public_key_line(KEY.public_key())
 )
 
-Handler = Callable[[httpx.Request], httpx.Response]
-Call = Callable[[AuthClient], Awaitable[Any]]
 
-
-def _run(handler: Handler, call: Call) -> Any:
-    """Run ``call`` against an AuthClient whose every request is answered by ``handler``."""
-
-    async def main() -> Any:
-        async with AuthClient(
-            ADDR, tls.insecure_context(), transport=httpx.MockTransport(handler)
-        ) as client:
-            return await call(client)
-
-    return asyncio.run(main())
-
-
-def _fail(handler: Handler, call: Call) -> ClientError:
-    with pytest.raises(ClientError) as err:
-        _run(handler, call)
-    return err.value
+def _is_url_of(url: str | None, path: str) -> bool:
+    """True when ``url`` is ``path`` on a scripted server (its port differs per test)."""
+    return (
+        url is not None
+        and re.fullmatch(r"https://127\.0\.0\.1:[0-9]+", url.removesuffix(path)) is not None
+    )
 
 
 def _register(client: AuthClient) -> Awaitable[wire.Certs]:
@@ -75,11 +69,8 @@ def _register(client: AuthClient) -> Awaitable[wire.Certs]:
     )
 
 
-def _answer(status: int, body: object) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, json=body)
-
-    return handler
+def _answer(status: int, body: object) -> Script:
+    return lambda request: respond_json(status, body)
 
 
 CERTS = wire.Certs(ssh=b"ssh-cert\n", tls=b"tls-pem", tls_ca_certs=(b"ca",), ssh_ca_certs=(b"k",))
@@ -164,49 +155,40 @@ def test_client_base_url_is_https_with_the_normalized_address() -> None:
 
 @pytest.mark.parametrize("case", CALLS, ids=CALL_IDS)
 def test_each_call_uses_its_method_and_path_and_decodes_the_answer(case: Case) -> None:
-    seen: list[httpx.Request] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(200, json=case.doc)
-
-    assert _run(handler, case.call) == case.expected
-    [request] = seen
+    result, server = served(_answer(200, case.doc), case.call)
+    assert result == case.expected
+    [request] = server.requests
     assert request.method == case.method
-    assert str(request.url) == BASE + case.path
+    assert request.target == case.path
+    assert request.headers["host"] == server.addr
     assert request.headers["user-agent"] == f"tbot-py/{__version__}"
 
 
 def test_register_sends_the_request_as_json() -> None:
-    bodies: list[object] = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        bodies.append(json.loads(request.content))
-        return httpx.Response(200, json=CERTS.to_json())
-
-    _run(handler, _register)
-    assert bodies == [
+    _, server = served(_answer(200, CERTS.to_json()), _register)
+    [request] = server.requests
+    assert request.headers["content-type"] == "application/json"
+    assert int(request.headers["content-length"]) == len(request.body)
+    assert json.loads(request.body) == (
         wire.RegisterUsingTokenRequest(token=SECRET_TOKEN, keys=PUBLIC_KEYS).to_json()
-    ]
+    )
 
 
 def test_export_ca_asks_for_the_type_and_returns_the_raw_body() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == wire.PATH_EXPORT
-        assert request.url.params["type"] == "tls-host"
-        return httpx.Response(200, content=b"PEM BYTES\n", headers={"content-type": "text/plain"})
-
-    assert _run(handler, lambda c: c.export_ca("tls-host")) == b"PEM BYTES\n"
+    script = lambda request: respond(200, b"PEM BYTES\n", "text/plain")  # noqa: E731
+    result, server = served(script, lambda c: c.export_ca("tls-host"))
+    assert result == b"PEM BYTES\n"
+    assert [r.target for r in server.requests] == [f"{wire.PATH_EXPORT}?type=tls-host"]
 
 
 def test_redirects_are_not_followed() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.host != "evil.example.com", "followed a redirect"
-        return httpx.Response(302, headers={"location": "https://evil.example.com/"})
+    def script(request: Request) -> Answer:
+        return respond(302, headers={"Location": "/webapi/elsewhere"})
 
-    err = _fail(handler, lambda c: c.ping())
+    err, server = served(script, lambda c: c.ping())
     assert type(err) is ProtocolError
     assert err.status == 302
+    assert [r.target for r in server.requests] == [wire.PATH_FIND]
 
 
 # -- HTTP status -> error class ---------------------------------------------------------
@@ -226,62 +208,64 @@ def test_redirects_are_not_followed() -> None:
         (405, ProtocolError),
         (418, ProtocolError),
         (201, ProtocolError),
-        (204, ProtocolError),
     ],
 )
 def test_status_maps_to_its_error_class_with_url_status_and_server_message(
     status: int, cls: type[ClientError]
 ) -> None:
-    err = _fail(_answer(status, wire.error_body("the server says no")), _register)
+    err = fail(_answer(status, wire.error_body("the server says no")), _register)
     assert type(err) is cls
     assert err.status == status
-    assert err.url == BASE + wire.PATH_JOIN
+    assert _is_url_of(err.url, wire.PATH_JOIN)
     assert err.message == "the server says no"
-    assert str(err) == f"{BASE}{wire.PATH_JOIN} HTTP {status}: the server says no"
+    assert str(err) == f"{err.url} HTTP {status}: the server says no"
+
+
+def test_no_content_answer_is_a_protocol_error_even_with_a_body() -> None:
+    # HTTP 204 has no body by definition, so the server's message in it is not read.
+    err = fail(_answer(204, wire.error_body("the server says no")), _register)
+    assert type(err) is ProtocolError
+    assert err.status == 204
+    assert err.message == "unexpected answer (application/json)"
 
 
 def test_server_message_is_squashed_to_one_line() -> None:
     message = "token\n  is   expired\r\n\tor\u2028unknown  "
-    err = _fail(_answer(403, wire.error_body(message)), _register)
+    err = fail(_answer(403, wire.error_body(message)), _register)
     assert err.message == "token is expired or unknown"
     assert "\n" not in str(err)
 
 
 def test_long_server_message_is_truncated_with_an_ellipsis() -> None:
-    err = _fail(_answer(500, wire.error_body("x" * 5000)), lambda c: c.ping())
+    err = fail(_answer(500, wire.error_body("x" * 5000)), lambda c: c.ping())
     assert len(err.message) == 512
     assert err.message == "x" * 511 + "…"
 
 
 def test_server_message_at_the_limit_is_kept_whole() -> None:
-    err = _fail(_answer(500, wire.error_body("y" * 512)), lambda c: c.ping())
+    err = fail(_answer(500, wire.error_body("y" * 512)), lambda c: c.ping())
     assert err.message == "y" * 512
 
 
 def test_error_without_a_trace_body_names_the_content_type() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            502, content=b"<html>Bad Gateway</html>", headers={"content-type": "text/html"}
-        )
-
-    err = _fail(handler, lambda c: c.ping())
+    script = lambda request: respond(502, b"<html>Bad Gateway</html>", "text/html")  # noqa: E731
+    err = fail(script, lambda c: c.ping())
     assert type(err) is ServerError
     assert err.message == "unexpected answer (text/html)"
 
 
 def test_error_body_that_is_json_of_another_shape_is_not_shown() -> None:
-    err = _fail(_answer(400, {"error": "flat string", "detail": "x"}), lambda c: c.ping())
+    err = fail(_answer(400, {"error": "flat string", "detail": "x"}), lambda c: c.ping())
     assert type(err) is BadParameter
     assert err.message == "unexpected answer (application/json)"
 
 
 def test_error_never_contains_the_request_body_even_when_the_server_echoes_it() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
+    def script(request: Request) -> Answer:
         # A careless server (or a proxy error page) that reflects the request.
-        echoed = request.content.decode()
-        return httpx.Response(403, content=echoed.encode(), headers={"content-type": "text/plain"})
+        return respond(403, request.body, "text/plain")
 
-    err = _fail(handler, _register)
+    err = fail(script, _register)
     assert type(err) is AccessDenied
     assert SECRET_TOKEN not in str(err)
     assert SECRET_TOKEN not in repr(err)
@@ -290,7 +274,7 @@ def test_error_never_contains_the_request_body_even_when_the_server_echoes_it() 
 
 
 def test_error_from_a_trace_body_does_not_contain_the_token() -> None:
-    err = _fail(_answer(403, wire.error_body("the token is not valid")), _register)
+    err = fail(_answer(403, wire.error_body("the token is not valid")), _register)
     assert SECRET_TOKEN not in str(err)
     assert str(err).endswith("HTTP 403: the token is not valid")
 
@@ -302,80 +286,70 @@ def test_error_from_a_trace_body_does_not_contain_the_token() -> None:
     "body", [b"<html>hello</html>", b"", b"\xff\xfe\x00garbage", b'{"ssh": '], ids=repr
 )
 def test_ok_answer_that_is_not_json_is_a_protocol_error(body: bytes) -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, content=body)
-
-    err = _fail(handler, _register)
+    err = fail(lambda request: respond(200, body, content_type=None), _register)
     assert type(err) is ProtocolError
-    assert err.url == BASE + wire.PATH_JOIN
+    assert _is_url_of(err.url, wire.PATH_JOIN)
     assert err.status is None
     assert "not JSON" in err.message
 
 
 @pytest.mark.parametrize("case", CALLS, ids=CALL_IDS)
 def test_ok_answer_of_the_wrong_shape_is_a_protocol_error_naming_the_field(case: Case) -> None:
-    err = _fail(_answer(200, {"cluster_authorities": 1, "ssh": 5}), case.call)
+    err = fail(_answer(200, {"cluster_authorities": 1, "ssh": 5}), case.call)
     assert type(err) is ProtocolError
-    assert err.url == BASE + case.path
+    assert _is_url_of(err.url, case.path)
     field = {"ping": "cluster_name", "cas": "cert_authorities"}.get(case.name, "ssh")
     assert err.message.startswith(f"unexpected response: {field} must be ")
 
 
 def test_ok_answer_that_is_a_json_list_is_a_protocol_error() -> None:
-    err = _fail(_answer(200, [CERTS.to_json()]), _register)
+    err = fail(_answer(200, [CERTS.to_json()]), _register)
     assert type(err) is ProtocolError
     assert err.message == "unexpected response: expected a JSON object"
 
 
 def test_ok_answer_with_a_broken_content_encoding_is_a_protocol_error() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            200,
-            content=b"this is not gzip",
-            headers={"content-type": "application/json", "content-encoding": "gzip"},
-        )
-
-    err = _fail(handler, lambda c: c.ping())
+    # We never ask for compression, so a compressed answer is not one we can read.
+    script = lambda r: respond(200, b"not gzip", headers={"Content-Encoding": "gzip"})  # noqa: E731
+    err = fail(script, lambda c: c.ping())
     assert type(err) is ProtocolError
+    assert "Content-Encoding 'gzip'" in err.message
 
 
 # -- transport failures, classified -----------------------------------------------------
 
 
-def _raise(exc_factory: Callable[[httpx.Request], Exception]) -> Handler:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise exc_factory(request)
-
-    return handler
-
-
 def test_timeout_is_a_connection_problem() -> None:
-    err = _fail(_raise(lambda r: httpx.ReadTimeout("read timed out", request=r)), _register)
+    err = fail(lambda r: Answer(delay=60), _register, timeout=0.2)
     assert type(err) is ConnectionProblem
     assert err.message == "timed out waiting for the auth service"
-    assert err.url == BASE + wire.PATH_JOIN
+    assert _is_url_of(err.url, wire.PATH_JOIN)
 
 
 def test_broken_http_is_a_protocol_error() -> None:
-    err = _fail(
-        _raise(lambda r: httpx.RemoteProtocolError("illegal status line", request=r)),
-        lambda c: c.ping(),
-    )
+    err = fail(lambda r: Answer(b"ILLEGAL STATUS LINE\r\n\r\n"), lambda c: c.ping())
     assert type(err) is ProtocolError
-    assert err.message == "server broke the HTTP protocol: illegal status line"
+    assert (
+        err.message == "server broke the HTTP protocol: invalid status line 'ILLEGAL STATUS LINE'"
+    )
 
 
-def test_certificate_verification_failure_deep_in_the_cause_chain_is_a_trust_error() -> None:
-    def factory(request: httpx.Request) -> Exception:
-        verify = ssl.SSLCertVerificationError(1, "certificate verify failed")
-        verify.verify_message = "self-signed certificate"
-        exc = httpx.ConnectError("connect failed", request=request)
-        exc.__cause__ = verify
-        return exc
+def test_certificate_verification_failure_is_a_trust_error_naming_the_reason() -> None:
+    _, other_ca = self_signed_ca_pem("someone-else")
 
-    err = _fail(_raise(factory), lambda c: c.ping())
-    assert type(err) is TrustError
-    assert "self-signed certificate" in err.message
+    async def main() -> None:
+        async with (
+            ScriptedServer(_answer(200, PING.to_json())) as server,
+            AuthClient(server.addr, tls.verified_context(other_ca.decode())) as client,
+        ):
+            await client.ping()
+
+    with pytest.raises(ClientError) as err:
+        asyncio.run(main())
+    assert type(err.value) is TrustError
+    assert err.value.message.startswith(
+        "cannot verify the server's TLS certificate (self-signed certificate)"
+    )
 
 
 def _closed_port() -> int:
@@ -416,27 +390,8 @@ def test_refused_connection_is_a_connection_problem() -> None:
     assert err.value.message.startswith("cannot reach the auth service")
 
 
-def _self_signed_ca_pem(org: str) -> tuple[keys.PrivateKey, bytes]:
-    key = keys.generate_private_key()
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert.public_bytes(serialization.Encoding.PEM)
-
-
 def test_server_signed_by_another_ca_is_a_trust_error(service: RunningAuthService) -> None:
-    _, other_ca = _self_signed_ca_pem("someone-else")
+    _, other_ca = self_signed_ca_pem("someone-else")
     with pytest.raises(ClientError) as err:
         asyncio.run(
             _call_real(service.addr, tls.verified_context(other_ca.decode()), lambda c: c.ping())
@@ -475,47 +430,9 @@ def test_plain_tcp_server_answering_garbage_is_a_tls_protocol_error() -> None:
     assert "TLS handshake failed" in err.message
 
 
-def test_tls_server_answering_garbage_is_an_http_protocol_error(tmp_path: Path) -> None:
-    key, cert_pem = _self_signed_ca_pem("garbage")
-    (tmp_path / "cert.pem").write_bytes(cert_pem)
-    (tmp_path / "key.pem").write_bytes(keys.private_key_pem(key))
-    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_ctx.load_cert_chain(tmp_path / "cert.pem", tmp_path / "key.pem")
-
-    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")  # the whole request head
-        writer.write(b"this is not HTTP at all\r\n\r\n")
-        await writer.drain()
-        writer.close()
-
-    async def main() -> ClientError:
-        server = await asyncio.start_server(garbage, "127.0.0.1", 0, ssl=server_ctx)
-        port = server.sockets[0].getsockname()[1]
-        async with server:
-            try:
-                await _call_real(f"127.0.0.1:{port}", tls.insecure_context(), lambda c: c.ping())
-            except ClientError as exc:
-                return exc
-        raise AssertionError("the call succeeded")
-
-    err = asyncio.run(main())
-    assert type(err) is ProtocolError
-    assert err.message.startswith("server broke the HTTP protocol")
-
-
 def test_plain_text_error_of_a_bodyless_request_keeps_the_servers_reason() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(
-            400, text="found 2 authorities to export, use format=zip\n",
-            headers={"content-type": "text/plain; charset=utf-8"},
-        )  # fmt: skip
-
-    async def call() -> None:
-        transport = httpx.MockTransport(handler)
-        async with AuthClient(
-            "127.0.0.1:1", ssl.create_default_context(), transport=transport
-        ) as c:
-            await c.export_ca("tls-host")
-
-    with pytest.raises(BadParameter, match="use format=zip"):
-        asyncio.run(call())
+    reason = b"found 2 authorities to export, use format=zip\n"
+    script = lambda r: respond(400, reason, "text/plain; charset=utf-8")  # noqa: E731
+    err = fail(script, lambda c: c.export_ca("tls-host"))
+    assert type(err) is BadParameter
+    assert err.message == "found 2 authorities to export, use format=zip"
