@@ -25,7 +25,7 @@ COUNTS = (1, 10, 100)
 TARGET_RATIO = 25.0
 POLL_S = 0.005
 CYCLE_TIMEOUT_S = 60.0
-SETTLE_S = 0.5  # between cycles: let the watcher's checks and the logging finish
+SETTLE_S = 1.0  # between cycles: past the watcher's 0.5 s debounce, so its checks finish
 
 Popen = subprocess.Popen[bytes]
 

@@ -17,11 +17,22 @@ file's bytes change, not on a ``touch`` or on a save without changes.
 
 Both watch *directories*, non-recursively, and never single files: editors and
 config management replace a file by rename, and a watch on the old inode goes
-stale. watchdog runs its observer in threads. The handler there only hands event
-paths to the asyncio loop with ``call_soon_threadsafe``, and everything else
-runs on the loop. If inotify is unavailable (``fs.inotify.max_user_watches``
-reached, say), one warning is logged and watchdog's ``PollingObserver`` takes
-over. Polling does not see a chmod on its own; the next renewal repairs that.
+stale. An output's files live in version directories (destinations.layout), so
+:class:`DirectoryWatcher` watches two directories per output: the output
+directory (the flat names and ``..data``) and the version ``..data`` points at,
+moved to the new version whenever ``..data`` moves. A recursive watch would
+also see every file of every version the daemon builds and prunes, some 150
+events per write. The kernel is asked only for changes (create, delete, move,
+modify, attrib), never for opens and closes, which readers and our own checks
+cause all the time.
+
+The inotify descriptor is read by the asyncio loop itself (tbot_py.bot._inotify):
+watchdog's observer would run a thread per watch, and moving a watch at every
+write would start and join one per output and renewal. If inotify is unavailable
+(``fs.inotify.max_user_watches`` reached, say), one warning is logged and
+watchdog's ``PollingObserver`` takes over, in threads that hand event paths to
+the loop with ``call_soon_threadsafe``. Polling does not see a chmod on its
+own; the next renewal repairs that.
 """
 
 from __future__ import annotations
@@ -36,10 +47,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
+from tbot_py.bot._inotify import CHANGES, IN_CLOSE_WRITE, Inotify
 from tbot_py.destinations.fs import FILE_MODE
 from tbot_py.destinations.layout import DATA_LINK, is_version_name, link_target
 
@@ -47,20 +58,25 @@ log = logging.getLogger(__name__)
 
 #: How often the polling fallback rescans each watched directory, in seconds.
 POLL_INTERVAL = 1.0
-#: How long ``stop()`` waits for the observer thread to finish.
+#: How long ``stop()`` waits for the polling observer's threads to finish.
 _JOIN_TIMEOUT = 2.0
+_READ_CHUNK = 64 * 1024
 # Events that can change a file's bytes, name or mode. Opens and reads are left
 # out: the checks below read the files, and must not trigger more checks.
 _CHANGES = frozenset({"created", "modified", "deleted", "moved", "closed", "attrib"})
+# A write changes bytes (IN_MODIFY, truncation too) and a chmod is IN_ATTRIB, so an
+# output needs no close events; an editor's save of the config is complete at its close.
+_CONFIG_CHANGES = CHANGES | IN_CLOSE_WRITE
 # Failures that concern one directory, not inotify as a whole: polling would not help.
 _PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.ELOOP})
 
-#: Receives, on the loop, an event's type and its paths (source, then destination of a move).
+#: Receives, on the loop, an event's type and its paths (source, then destination of a
+#: move); ``("overflow", ())`` when the kernel dropped events.
 EventSink = Callable[[str, tuple[str, ...]], None]
 
 
 class _Forwarder(FileSystemEventHandler):
-    """Runs in the observer thread: hands each change's type and paths to the loop."""
+    """Runs in the polling observer's thread: hands each change's type and paths to the loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, sink: EventSink) -> None:
         super().__init__()
@@ -78,35 +94,50 @@ class _Forwarder(FileSystemEventHandler):
 
 
 class _Observer:
-    """One watchdog observer with a non-recursive watch per directory; polls if inotify fails."""
+    """Non-recursive watches on directories; their events go to ``sink`` on the loop.
+
+    inotify where it works, else watchdog's polling observer. Call every method
+    from the loop's thread.
+    """
 
     def __init__(
-        self, handler: FileSystemEventHandler, purpose: str, *, recursive: bool = False
+        self, loop: asyncio.AbstractEventLoop, sink: EventSink, purpose: str, mask: int
     ) -> None:
-        self._handler = handler
+        self._loop = loop
+        self._sink = sink
         self._purpose = purpose
-        self._recursive = recursive
-        self._observer: BaseObserver | None = None
-        self._watches: dict[str, ObservedWatch] = {}
-        self._polling = False
+        self._mask = mask
+        self._inotify: Inotify | None = None
+        self._poller: BaseObserver | None = None
+        # Directory -> its polling watch; None while inotify watches it.
+        self._watches: dict[str, ObservedWatch | None] = {}
 
     def start(self) -> None:
-        """Start the native observer, or the polling one if that fails. Never raises."""
+        """Start inotify, or the polling observer if that fails. Never raises."""
         try:
-            self._observer = _started(Observer)
-        except Exception as exc:
+            self._inotify = Inotify(self._loop, self._sink, self._mask)
+        except OSError as exc:
             self._fall_back(exc)
 
-    def add(self, directory: str) -> None:
-        """Watch ``directory`` unless it is already watched. Never raises; failures are logged."""
-        if directory in self._watches or self._observer is None:
+    def add(self, directory: str, *, missing_ok: bool = False) -> None:
+        """Watch ``directory`` unless it is already watched. Never raises; failures are logged.
+
+        ``missing_ok``: a directory that vanished meanwhile is no news (a version
+        directory a concurrent write has just pruned, say).
+        """
+        if directory in self._watches:
             return
         try:
-            self._watches[directory] = self._observer.schedule(
-                self._handler, directory, recursive=self._recursive
-            )
+            if self._inotify is not None:
+                self._inotify.add(directory)
+                self._watches[directory] = None
+            elif self._poller is not None:
+                forwarder = _Forwarder(self._loop, self._sink)
+                self._watches[directory] = self._poller.schedule(forwarder, directory)
         except OSError as exc:
-            if self._polling or exc.errno in _PATH_ERRNOS:
+            if missing_ok and exc.errno == errno.ENOENT:
+                return
+            if self._inotify is None or exc.errno in _PATH_ERRNOS:
                 log.warning("cannot watch %s for %s: %s", directory, self._purpose, _why(exc))
                 return
             self._fall_back(exc)
@@ -116,20 +147,26 @@ class _Observer:
 
     def remove(self, directory: str) -> None:
         """Stop watching ``directory``; a watch that died with its directory is cleaned up too."""
-        watch = self._watches.pop(directory, None)
-        if watch is None or self._observer is None:
+        if directory not in self._watches:
             return
-        try:
-            self._observer.unschedule(watch)
-        except Exception:
-            log.debug("cannot unschedule the watch on %s", directory, exc_info=True)
+        watch = self._watches.pop(directory)
+        if self._inotify is not None:
+            self._inotify.remove(directory)
+        elif watch is not None and self._poller is not None:
+            try:
+                self._poller.unschedule(watch)
+            except Exception:
+                log.debug("cannot unschedule the watch on %s", directory, exc_info=True)
 
     def stop(self) -> None:
-        """Stop the observer and its threads. Idempotent."""
-        observer, self._observer = self._observer, None
+        """Stop watching, and the polling observer's threads. Idempotent."""
+        inotify, self._inotify = self._inotify, None
+        poller, self._poller = self._poller, None
         self._watches.clear()
-        if observer is not None:
-            _stop_quietly(observer)
+        if inotify is not None:
+            inotify.close()
+        if poller is not None:
+            _stop_quietly(poller)
 
     def _fall_back(self, exc: BaseException) -> None:
         log.warning(
@@ -138,31 +175,21 @@ class _Observer:
             POLL_INTERVAL,
             self._purpose,
         )
-        if self._observer is not None:
-            _stop_quietly(self._observer)
-        self._polling = True
+        if self._inotify is not None:
+            self._inotify.close()
+            self._inotify = None
         directories = list(self._watches)
         self._watches.clear()
+        poller = PollingObserver(timeout=POLL_INTERVAL)
         try:
-            self._observer = _started(lambda: PollingObserver(timeout=POLL_INTERVAL))
+            poller.start()
         except Exception as poll_exc:
-            self._observer = None
+            _stop_quietly(poller)
             log.warning("cannot watch for %s at all: %s", self._purpose, _why(poll_exc))
             return
+        self._poller = poller
         for directory in directories:
             self.add(directory)
-
-
-def _started(factory: Callable[[], BaseObserver]) -> BaseObserver:
-    observer: BaseObserver | None = None
-    try:
-        observer = factory()
-        observer.start()
-    except BaseException:
-        if observer is not None:
-            _stop_quietly(observer)  # the inotify observer starts a reader thread on creation
-        raise
-    return observer
 
 
 def _stop_quietly(observer: BaseObserver) -> None:
@@ -189,11 +216,17 @@ def _read(path: str, *, follow_symlinks: bool) -> tuple[os.stat_result, bytes | 
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     fd = os.open(path, flags)
-    with os.fdopen(fd, "rb") as f:
-        st = os.stat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             return st, None
-        return st, hashlib.file_digest(f, "sha256").digest()
+        # Plain reads on the descriptor: a file object per check costs more than the hash.
+        digest = hashlib.sha256()
+        while chunk := os.read(fd, _READ_CHUNK):
+            digest.update(chunk)
+        return st, digest.digest()
+    finally:
+        os.close(fd)
 
 
 def _artifact_path(directory: str, file: str) -> tuple[str, str | None]:
@@ -258,10 +291,10 @@ class DirectoryWatcher:
         # Output name -> file name -> SHA-256 of what the daemon last wrote there.
         self._written: dict[str, dict[str, bytes]] = {}
         self._names_by_path: dict[str, tuple[str, ...]] = {}
-        # Recursive: the files live in version subdirectories (destinations.layout).
-        self._observer = _Observer(
-            _Forwarder(loop, self._on_change), "changes to outputs", recursive=True
-        )
+        self._names_by_directory: dict[str, tuple[str, ...]] = {}
+        # Output directory -> the version directory watched in it (what ..data pointed at).
+        self._versions: dict[str, str] = {}
+        self._observer = _Observer(loop, self._on_change, "changes to outputs", CHANGES)
         self._started = False
         self._stopped = False
 
@@ -282,7 +315,7 @@ class DirectoryWatcher:
         self._outputs[name] = _Output(directory, frozenset(files), callback)
         self._reindex()
         if self._running:
-            self._observer.add(directory)
+            self._add(directory)
 
     def expect_writes(self, name: str, contents: Mapping[str, bytes]) -> None:
         """Record what the daemon is about to write for ``name``: those writes must not call back.
@@ -307,8 +340,9 @@ class DirectoryWatcher:
             return
         self._cancel(output)
         self._reindex()
-        if output.directory not in self._directories():
+        if output.directory not in self._names_by_directory:
             self._observer.remove(output.directory)
+            self._drop_version(output.directory)
 
     def start(self) -> None:
         """Start watching every registered directory. Never raises; failures are logged."""
@@ -316,8 +350,8 @@ class DirectoryWatcher:
             return
         self._started = True
         self._observer.start()
-        for directory in self._directories():
-            self._observer.add(directory)
+        for directory in self._names_by_directory:
+            self._add(directory)
 
     def stop(self) -> None:
         """Stop watching and cancel pending checks. Idempotent; a stopped watcher stays stopped."""
@@ -332,33 +366,70 @@ class DirectoryWatcher:
     def _running(self) -> bool:
         return self._started and not self._stopped
 
-    def _directories(self) -> set[str]:
-        return {output.directory for output in self._outputs.values()}
+    def _add(self, directory: str) -> None:
+        self._observer.add(directory)
+        self._follow_data_link(directory)
+
+    def _follow_data_link(self, directory: str) -> None:
+        """Watch the version ``..data`` points at now, instead of the one it pointed at."""
+        try:
+            target = os.readlink(os.path.join(directory, DATA_LINK))
+        except OSError:
+            target = ""  # no ..data (not written yet, an old layout, or deleted)
+        version = os.path.join(directory, target) if is_version_name(target) else None
+        if version == self._versions.get(directory):
+            return
+        self._drop_version(directory)
+        if version is not None:
+            self._versions[directory] = version
+            self._observer.add(version, missing_ok=True)
+
+    def _drop_version(self, directory: str) -> None:
+        version = self._versions.pop(directory, None)
+        if version is not None:
+            self._observer.remove(version)
 
     def _reindex(self) -> None:
-        index: dict[str, tuple[str, ...]] = {}
+        by_path: dict[str, tuple[str, ...]] = {}
+        by_directory: dict[str, tuple[str, ...]] = {}
         for name, output in self._outputs.items():
+            by_directory[output.directory] = (*by_directory.get(output.directory, ()), name)
             for file in output.files:
                 path = os.path.join(output.directory, file)
-                index[path] = (*index.get(path, ()), name)
-        self._names_by_path = index
+                by_path[path] = (*by_path.get(path, ()), name)
+        self._names_by_path = by_path
+        self._names_by_directory = by_directory
 
     def _on_change(self, event_type: str, paths: tuple[str, ...]) -> None:
         if not self._running:
             return
-        names = {
-            name for path in map(_flat_path, paths) for name in self._names_by_path.get(path, ())
-        }
-        if event_type == "deleted" and paths[0] in self._directories():
-            # The directory itself is gone, and its watch with it.
+        if event_type == "overflow":  # the kernel dropped events: anything may have changed
+            for directory in self._names_by_directory:
+                self._follow_data_link(directory)
+            for name in self._outputs:
+                self._schedule_check(name)
+            return
+        names: set[str] = set()
+        for path in paths:
+            names.update(self._names_by_path.get(_flat_path(path), ()))
+            directory, entry = os.path.split(path)
+            if entry == DATA_LINK or self._versions.get(directory) == path:
+                # ..data moved, or the version it points at: every file may differ now.
+                names.update(self._names_by_directory.get(directory, ()))
+                if entry != DATA_LINK:
+                    self._drop_version(directory)  # deleted or moved: its watch is stale
+                self._follow_data_link(directory)
+        if event_type == "deleted" and paths[0] in self._names_by_directory:
+            # The directory itself is gone, and its watches with it.
             self._observer.remove(paths[0])
-            names.update(n for n, o in self._outputs.items() if o.directory == paths[0])
+            self._drop_version(paths[0])
+            names.update(self._names_by_directory[paths[0]])
         for name in names:
             self._schedule_check(name)
 
     def _rewatch(self, directory: str) -> None:
-        if self._running and directory in self._directories() and os.path.isdir(directory):
-            self._observer.add(directory)
+        if self._running and directory in self._names_by_directory and os.path.isdir(directory):
+            self._add(directory)
 
     def _schedule_check(self, name: str) -> None:
         output = self._outputs[name]
@@ -434,7 +505,7 @@ class ConfigWatcher:
         self._digest: bytes | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._any_change = False
-        self._observer = _Observer(_Forwarder(loop, self._on_change), "config changes")
+        self._observer = _Observer(loop, self._on_change, "config changes", _CONFIG_CHANGES)
         self._started = False
         self._stopped = False
 
@@ -461,7 +532,9 @@ class ConfigWatcher:
         self._observer.stop()
 
     def _on_change(self, event_type: str, paths: tuple[str, ...]) -> None:
-        if self._stopped or not (self._any_change or self._path in paths):
+        if self._stopped or not (
+            self._any_change or self._path in paths or event_type == "overflow"
+        ):
             return
         if self._timer is not None:
             self._timer.cancel()

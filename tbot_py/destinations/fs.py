@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import stat
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -76,6 +77,25 @@ def _openat2(path: str, flags: int) -> int | None:
     global _openat2_state  # noqa: PLW0603 - one probe per process
     if _openat2_state is False or not sys.platform.startswith("linux"):
         return None
+    fd, err = _openat2_syscall()(os.fsencode(path), flags)
+    if fd >= 0:
+        _openat2_state = True
+        return fd
+    if err in (errno.ENOSYS, errno.EPERM, errno.E2BIG) and _openat2_state is None:
+        # Missing (kernel < 5.6) or blocked by a seccomp filter: walk instead, from now on.
+        _openat2_state = False
+        log.info("openat2 is unavailable (%s); resolving paths component by component", err)
+        return None
+    raise OSError(err, os.strerror(err), path)
+
+
+@functools.cache
+def _openat2_syscall() -> Callable[[bytes, int], tuple[int, int]]:
+    """The raw system call through libc's ``syscall()``: ``(path, flags) -> (fd, errno)``.
+
+    Built once: loading libc and defining the argument struct cost several times
+    the call itself, and every write and read of a destination opens it.
+    """
     import ctypes
 
     class OpenHow(ctypes.Structure):
@@ -86,26 +106,15 @@ def _openat2(path: str, flags: int) -> int | None:
         )
 
     libc = ctypes.CDLL(None, use_errno=True)
-    how = OpenHow(flags, 0, _RESOLVE_NO_SYMLINKS)
-    fd = int(
-        libc.syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_int(_AT_FDCWD),
-            ctypes.c_char_p(os.fsencode(path)),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
-    )
-    if fd >= 0:
-        _openat2_state = True
-        return fd
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EPERM, errno.E2BIG) and _openat2_state is None:
-        # Missing (kernel < 5.6) or blocked by a seccomp filter: walk instead, from now on.
-        _openat2_state = False
-        log.info("openat2 is unavailable (%s); resolving paths component by component", err)
-        return None
-    raise OSError(err, os.strerror(err), path)
+    number, at_cwd = ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(_AT_FDCWD)
+    size = ctypes.c_size_t(ctypes.sizeof(OpenHow))
+
+    def call(path: bytes, flags: int) -> tuple[int, int]:
+        how = OpenHow(flags, 0, _RESOLVE_NO_SYMLINKS)
+        fd = int(libc.syscall(number, at_cwd, ctypes.c_char_p(path), ctypes.byref(how), size))
+        return fd, (ctypes.get_errno() if fd < 0 else 0)
+
+    return call
 
 
 def openat2_available() -> bool:

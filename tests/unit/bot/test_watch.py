@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tbot_py.bot import watch
+from tbot_py.bot._inotify import Inotify
 from tbot_py.bot.watch import ConfigWatcher, DirectoryWatcher
 from tbot_py.destinations import DirectoryDestination
 
@@ -119,11 +120,68 @@ def test_replacing_a_file_by_a_symlink_to_the_same_content_calls_back(tmp_path: 
     run_watched(tmp_path, scenario)
 
 
+RENEWED = {"identity": b"renewed\n", "tlscert": b"renewed cert\n", "key": b"new key\n"}
+
+
+async def renew(w: DirectoryWatcher, dest: DirectoryDestination) -> None:
+    """Write a new version as the daemon does, and let the watcher settle on it."""
+    w.expect_writes("svc", RENEWED)
+    dest.write_many(RENEWED)
+    await settle()
+
+
+def test_changing_a_file_of_the_version_written_since_watching_began_calls_back(
+    tmp_path: Path,
+) -> None:
+    async def scenario(w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
+        await renew(w, dest)
+        with open(dest.path / "tlscert", "r+b") as f:  # through the link, into the new version
+            f.write(b"CERT")
+        await eventually(lambda: calls == ["svc"])
+
+    run_watched(tmp_path, scenario)
+
+
+def test_chmod_of_a_file_of_the_version_written_since_watching_began_calls_back(
+    tmp_path: Path,
+) -> None:
+    async def scenario(w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
+        await renew(w, dest)
+        os.chmod(dest.path / "key", 0o644)
+        await eventually(lambda: calls == ["svc"])
+
+    run_watched(tmp_path, scenario)
+
+
+def test_pointing_data_at_the_previous_version_calls_back(tmp_path: Path) -> None:
+    async def scenario(w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
+        previous = os.readlink(dest.path / "..data")
+        await renew(w, dest)
+        os.symlink(previous, dest.path / "..data.new")
+        os.replace(dest.path / "..data.new", dest.path / "..data")
+        await eventually(lambda: calls == ["svc"])
+
+    run_watched(tmp_path, scenario)
+
+
+@pytest.mark.parametrize("remove", ["link", "version"])
+def test_removing_data_or_its_version_calls_back(tmp_path: Path, remove: str) -> None:
+    async def scenario(w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
+        await renew(w, dest)
+        data = dest.path / "..data"
+        if remove == "link":
+            data.unlink()
+        else:
+            shutil.rmtree(dest.path / os.readlink(data))
+        await eventually(lambda: calls == ["svc"])
+
+    run_watched(tmp_path, scenario)
+
+
 def test_our_own_atomic_writes_of_the_expected_content_do_not_call_back(tmp_path: Path) -> None:
     async def scenario(w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
-        renewed = {"identity": b"renewed\n", "tlscert": b"renewed cert\n", "key": b"new key\n"}
-        w.expect_writes("svc", renewed)
-        dest.write_many(renewed)
+        w.expect_writes("svc", RENEWED)
+        dest.write_many(RENEWED)
         # A partial write keeps the other files' expectations.
         w.expect_writes("svc", {"tlscert": b"cert again\n"})
         dest.write_many({"tlscert": b"cert again\n"})
@@ -228,28 +286,23 @@ def test_a_failing_callback_is_logged_and_watching_goes_on(
     assert "the callback for a changed output failed" in caplog.text
 
 
-def _observer_without_watches() -> object:
-    observer = watch.Observer()
-
-    def schedule(*args: object, **kwargs: object) -> object:
+class _InotifyWithoutWatches(watch.Inotify):
+    def add(self, directory: str) -> None:
         raise OSError(errno.ENOSPC, "inotify watch limit reached")
 
-    observer.schedule = schedule  # type: ignore[method-assign]
-    return observer
 
-
-def _no_inotify() -> object:
+def _no_inotify(*args: object) -> object:
     raise OSError(errno.EMFILE, "inotify instance limit reached")
 
 
-@pytest.mark.parametrize("observer", [_observer_without_watches, _no_inotify])
+@pytest.mark.parametrize("inotify", [_InotifyWithoutWatches, _no_inotify])
 def test_without_inotify_it_warns_once_and_polls(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
-    observer: Callable[[], object],
+    inotify: Callable[..., object],
 ) -> None:
-    monkeypatch.setattr(watch, "Observer", observer)
+    monkeypatch.setattr(watch, "Inotify", inotify)
     monkeypatch.setattr(watch, "POLL_INTERVAL", 0.05)
 
     async def scenario(_w: DirectoryWatcher, dest: DirectoryDestination, calls: list[str]) -> None:
@@ -276,6 +329,27 @@ def test_a_missing_directory_is_logged_not_raised(
     asyncio.run(main())
     assert "cannot watch" in caplog.text
     assert "No such file or directory" in caplog.text
+
+
+def test_inotify_keeps_a_directory_watched_under_another_name(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(tmp_path)
+    alias = str(tmp_path / "link" / "real")  # the same directory, through a symlinked parent
+
+    async def main() -> None:
+        events: list[tuple[str, tuple[str, ...]]] = []
+        inotify = Inotify(asyncio.get_running_loop(), lambda *event: events.append(event))
+        try:
+            inotify.add(str(real))
+            inotify.add(alias)
+            inotify.remove(str(real))
+            (real / "f").write_bytes(b"x")
+            await eventually(lambda: ("created", (os.path.join(alias, "f"),)) in events)
+        finally:
+            inotify.close()
+
+    asyncio.run(main())
 
 
 # -- config -------------------------------------------------------------------------------

@@ -156,6 +156,32 @@ def test_a_partial_write_carries_the_other_files_over_by_hard_link(
     assert (dest.path / "tlscert").stat().st_ino == before
 
 
+def test_files_a_full_write_leaves_unchanged_are_linked_not_rewritten(
+    dest: DirectoryDestination, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest.write_many({"ca": b"same CA", "key": b"k1"})
+    ca_inode = (dest.path / "ca").stat().st_ino
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        flushed.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    dest.write_many({"ca": b"same CA", "key": b"k2"})
+    assert _artifacts(dest.path) == {"ca": b"same CA", "key": b"k2"}
+    assert (dest.path / "ca").stat().st_ino == ca_inode
+    assert flushed.count("file") == 1  # the new key only
+
+
+def test_an_unchanged_file_someone_chmodded_is_written_afresh(dest: DirectoryDestination) -> None:
+    dest.write_many({"ca": b"same CA"})
+    os.chmod(_current(dest.path) / "ca", 0o644)
+    dest.write_many({"ca": b"same CA"})
+    assert _mode(_current(dest.path) / "ca") == 0o600
+
+
 def test_open_readers_keep_old_content(dest: DirectoryDestination) -> None:
     dest.write("key", b"old key")
     path = dest.path / "key"
@@ -424,14 +450,17 @@ def _write_pairs(path: Path) -> None:
     while True:
         generation += 1
         tag = f"{os.getpid()}-{generation}".encode()
-        dest.write_many({"key": b"key " + tag, "tlscert": b"cert " + tag, "identity": tag})
+        # The CA never changes, so each write links it from the version before.
+        dest.write_many(
+            {"key": b"key " + tag, "tlscert": b"cert " + tag, "identity": tag, "ca": b"CA"}
+        )
 
 
 def test_sigkill_at_random_moments_never_leaves_a_torn_or_mismatched_set(
     dest: DirectoryDestination,
 ) -> None:
     """Fork a writer, SIGKILL it at a random moment, check the set, recover; 300 times."""
-    dest.write_many({"key": b"key 0", "tlscert": b"cert 0", "identity": b"0"})
+    dest.write_many({"key": b"key 0", "tlscert": b"cert 0", "identity": b"0", "ca": b"CA"})
     rng = random.Random(25462)
     mismatched = []
     interrupted = 0  # kills that landed inside a write (an unpublished version was left)
@@ -446,15 +475,19 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_or_mismatched_set(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         # Right after the kill, before any repair: the published set is whole and matches.
-        snapshot = dest.read_many(["key", "tlscert", "identity"])
+        snapshot = dest.read_many(["key", "tlscert", "identity", "ca"])
         key, cert, ident = (snapshot[n] or b"" for n in ("key", "tlscert", "identity"))
-        if key[4:] != cert[5:] or key[4:] != ident:
+        if key[4:] != cert[5:] or key[4:] != ident or snapshot["ca"] != b"CA":
             mismatched.append((attempt, snapshot))
         others = [v for v in _versions(dest.path) if v != os.readlink(dest.path / "..data")]
-        interrupted += len(others) > 1 or any(len(os.listdir(dest.path / v)) < 3 for v in others)
+        interrupted += len(others) > 1 or any(len(os.listdir(dest.path / v)) < 4 for v in others)
         DirectoryDestination(dest.path).init()
         flat = _artifacts(dest.path)
-        if flat["key"][4:] != flat["tlscert"][5:] or flat["key"][4:] != flat["identity"]:
+        if (
+            flat["key"][4:] != flat["tlscert"][5:]
+            or flat["key"][4:] != flat["identity"]
+            or flat["ca"] != b"CA"
+        ):
             mismatched.append((attempt, flat))
         current = os.readlink(dest.path / "..data")
         assert [v for v in _versions(dest.path) if v > current] == []  # unpublished: removed
