@@ -367,7 +367,6 @@ def signing_floor(seconds: float) -> dict[str, float]:
     """
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID
 
     from tbot_py.authservice import ca
     from tbot_py.identity import keys
@@ -391,7 +390,6 @@ def signing_floor(seconds: float) -> dict[str, float]:
         bot_instance_id=instance,
     )
     subject = identity.to_subject()
-    usages = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
     message = b"x" * 600
     ops = {
         "issue": lambda: ca.issue_impersonated_identity(
@@ -405,8 +403,13 @@ def signing_floor(seconds: float) -> dict[str, float]:
             route_to_cluster="",
             now=now,
         ),
-        "x509": lambda: ca._sign_leaf(
-            cas.user, subject, public, not_after=expires, now=now, usages=usages
+        "x509": lambda: cas.user.identity_leaf.sign(
+            cas.user.key,
+            subject=subject,
+            public_key=public,
+            serial=1,
+            not_before=now,
+            not_after=expires,
         ),
         "ssh": lambda: ca._sign_ssh_user_cert(cas.user, identity, public, expires=expires, now=now),
         "ecdsa": lambda: cas.user.key.sign(message, ec.ECDSA(hashes.SHA256())),

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 
 from tbot_py.authservice import _sql, ca_store
-from tbot_py.authservice.errors import BadParameter, StorageUnavailable
+from tbot_py.authservice.errors import BadParameter, StorageBusy, StorageUnavailable
 
 #: Arbitrary but fixed: every tbot-py write transaction on the database takes it.
 WRITE_LOCK_KEY = 0x7B07_9A17
@@ -61,8 +61,13 @@ class PostgresBackend:
         return StorageUnavailable(f"PostgreSQL {self.location}: {text}")
 
     @contextmanager
-    def transaction(self, *, write: bool = False) -> Iterator[_sql.Connection]:
-        """One transaction on a new connection; a write one holds the write lock from the start."""
+    def transaction(self, *, write: bool = False, wait: bool = True) -> Iterator[_sql.Connection]:
+        """One transaction on a new connection; a write one holds the write lock from the start.
+
+        ``wait=False`` always raises StorageBusy: every statement waits on the network.
+        """
+        if not wait:
+            raise StorageBusy(f"PostgreSQL {self.location} is reached over the network")
         try:
             raw = psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S)
         except psycopg.Error as exc:

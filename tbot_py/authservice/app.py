@@ -28,29 +28,31 @@ import asyncio
 import json
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import tbot_py
-from tbot_py.authservice import audit, ca, rbac
+from tbot_py.authservice import _sql, audit, ca, rbac
 from tbot_py.authservice.admin_api import AdminAPI, add_admin_routes
-from tbot_py.authservice.bots_store import BotRecord
+from tbot_py.authservice.bots_store import BotRecord, get_bot
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import (
     AccessDenied,
     AuthServiceError,
     BadParameter,
     GenerationMismatch,
+    StorageBusy,
 )
+from tbot_py.authservice.instances_store import admit_instance
 from tbot_py.authservice.mtls import BotCaller, check_bot_certificate
 from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
 from tbot_py.authservice.roles import Role
-from tbot_py.authservice.roles_store import role_not_found
+from tbot_py.authservice.roles_store import get_roles, role_not_found
 from tbot_py.authservice.tokens_store import TOKEN_NOT_VALID
 from tbot_py.client import wire
 from tbot_py.errors import IdentityError
@@ -64,6 +66,7 @@ VERIFIED_CALLERS = 1024
 
 Clock = Callable[[], datetime]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
 
 
 def utc_now() -> datetime:
@@ -79,6 +82,11 @@ def requested_public_key(public_keys: wire.PublicKeys) -> keys.PublicKey:
         raise BadParameter("public_tls_key is not a PEM ECDSA public key") from None
     if not isinstance(tls_key.curve, ec.SECP256R1):
         raise BadParameter("public_tls_key must be an ECDSA P-256 key")
+    # Clients write the SSH line as OpenSSH does: then equal text is the whole check, and
+    # a second key parse and comparison is spared. Any other line is parsed below.
+    fields = public_keys.ssh.strip().split(b" ")[:2]
+    if fields == keys.ssh_public_key_line(tls_key).strip().split(b" "):
+        return tls_key
     try:
         ssh_key = keys.load_ssh_public_key_line(public_keys.ssh)
     except IdentityError:
@@ -203,7 +211,8 @@ class AuthAPI:
                 now=now,
             )
             fields.update(bot=bot.name, instance=instance_id, generation=1)
-            roles = await asyncio.to_thread(self._roles, bot, bot.roles, required=False)
+            stored = await self._read(lambda conn: get_roles(conn, bot.roles))
+            roles = _granted(bot, bot.roles, stored, required=False)
             certs = ca.issue_bot_identity(
                 self.cluster.cas,
                 certificate_profile(bot, roles),
@@ -235,11 +244,12 @@ class AuthAPI:
             public_key = requested_public_key(req.keys)
             expires = ca.grant_expiry(req.expires, now)
 
-            def load() -> tuple[BotRecord, list[Role]]:
-                bot = self._bot(caller)
-                return bot, self._roles(bot, bot.roles, required=False)
+            def load(conn: _sql.Connection) -> tuple[BotRecord, dict[str, Role]]:
+                bot = _existing_bot(conn, caller)
+                return bot, get_roles(conn, bot.roles)
 
-            bot, roles = await asyncio.to_thread(load)
+            bot, stored = await self._read(load)
+            roles = _granted(bot, bot.roles, stored, required=False)
             ident = caller.identity
             profile = certificate_profile(bot, roles)
 
@@ -294,19 +304,13 @@ class AuthAPI:
             req = wire.ImpersonateRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
 
-            def authorize() -> tuple[BotRecord, tuple[str, ...], list[Role]]:
-                # One trip to a worker thread for every lookup (each is its own transaction).
-                bot = self._known_instance(caller, now)
-                roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
-                for role in roles:
-                    if role not in bot.roles:
-                        raise AccessDenied(
-                            f'role "{role[:64]}" is not allowed for bot "{bot.name}"'
-                        )
-                fields["roles"] = ",".join(roles)
-                return bot, roles, self._roles(bot, roles, required=True)
-
-            bot, roles, granted = await asyncio.to_thread(authorize)
+            bot, stored = await self._admit(caller, now, with_roles=True)
+            roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
+            for role in roles:
+                if role not in bot.roles:
+                    raise AccessDenied(f'role "{role[:64]}" is not allowed for bot "{bot.name}"')
+            fields["roles"] = ",".join(roles)
+            granted = _granted(bot, roles, stored, required=True)
             # An output never outlives the bot identity that asked for it, nor the
             # shortest max_session_ttl of its roles.
             not_after = caller.not_after
@@ -333,7 +337,7 @@ class AuthAPI:
         with self._audit("bot.cas", request) as fields:
             fields["resource"] = f"cert_authority/{self.cluster.name}"
             now = self.clock()
-            await asyncio.to_thread(self._known_instance, self._caller(request, now, fields), now)
+            await self._admit(self._caller(request, now, fields), now, with_roles=False)
         cas = self.cluster.cas
         name = self.cluster.name
         authorities = [
@@ -364,39 +368,42 @@ class AuthAPI:
         )
         return caller
 
-    # The storage helpers below block: handlers run them in a worker thread.
+    async def _read(self, fn: Callable[[_sql.Connection], T]) -> T:
+        """``fn(conn)`` in one read transaction: on the event loop when it waits for nothing.
 
-    def _bot(self, caller: BotCaller) -> BotRecord:
-        name = caller.identity.bot_name
-        bot = self.cluster.storage.bots.get(name)
-        if bot is None:
-            raise AccessDenied(f'bot "{name}" no longer exists')
-        return bot
-
-    def _roles(self, bot: BotRecord, names: tuple[str, ...], *, required: bool) -> list[Role]:
-        """The stored roles ``names``, in order.
-
-        A missing role is an error when ``required`` (an output asking for it).
-        Otherwise it grants nothing: a bot created before roles existed keeps
-        renewing its own identity while the admin creates them.
+        A read of a few rows of local SQLite costs far less than a hop to a worker thread,
+        and in a busy server each hop also passes the GIL back and forth. Whatever would
+        wait (a lock held elsewhere, the network of PostgreSQL) raises StorageBusy
+        instead, and ``fn`` runs again in a worker thread, where waiting blocks no one.
         """
-        found = self.cluster.storage.roles.get_many(names)
-        missing = [name for name in names if name not in found]
-        if missing and required:
-            raise AccessDenied(role_not_found(missing[0]))
-        if missing:
-            log.warning(
-                'bot "%s" holds roles that do not exist and grant nothing: %s',
-                bot.name,
-                ", ".join(missing),
-            )
-        return [found[name] for name in names if name in found]
+        storage = self.cluster.storage
+        try:
+            return storage.read(fn, wait=False)
+        except StorageBusy:
+            return await asyncio.to_thread(storage.read, fn)
 
-    def _known_instance(self, caller: BotCaller, now: datetime) -> BotRecord:
-        """The caller's bot, once its instance is known and neither is locked."""
-        bot = self._bot(caller)
-        self.cluster.storage.instances.admit(bot.name, caller.identity.bot_instance_id, now)
-        return bot
+    async def _admit(
+        self, caller: BotCaller, now: datetime, *, with_roles: bool
+    ) -> tuple[BotRecord, dict[str, Role]]:
+        """The caller's bot, once its instance is known and neither is locked, and its roles.
+
+        One read transaction: the bot, the locks, the instance and (``with_roles``) the
+        bot's stored roles by name. When the instance's ``last_seen_at`` is due (once a
+        minute) it is recorded in a worker thread, and that write checks the locks again.
+        """
+        instance_id = caller.identity.bot_instance_id
+
+        def read(conn: _sql.Connection) -> tuple[BotRecord, bool, dict[str, Role]]:
+            bot = _existing_bot(conn, caller)
+            due = admit_instance(conn, bot.name, instance_id, now)
+            return bot, due, get_roles(conn, bot.roles) if with_roles else {}
+
+        bot, due, stored = await self._read(read)
+        if due:
+            await asyncio.to_thread(
+                self.cluster.storage.instances.record_seen, bot.name, instance_id, now
+            )
+        return bot, stored
 
     def _audit(self, event: str, request: web.Request) -> AbstractContextManager[dict[str, Any]]:
         return audit.audited_call(self.audit_log, event, remote=request.remote)
@@ -421,6 +428,36 @@ class AuthAPI:
                 },
             )
         )
+
+
+def _existing_bot(conn: _sql.Connection, caller: BotCaller) -> BotRecord:
+    """The caller's bot, in a Storage transaction; AccessDenied when it was removed."""
+    name = caller.identity.bot_name
+    bot = get_bot(conn, name)
+    if bot is None:
+        raise AccessDenied(f'bot "{name}" no longer exists')
+    return bot
+
+
+def _granted(
+    bot: BotRecord, names: tuple[str, ...], stored: Mapping[str, Role], *, required: bool
+) -> list[Role]:
+    """The roles ``names`` among the ``stored`` ones, in order.
+
+    A missing role is an error when ``required`` (an output asking for it).
+    Otherwise it grants nothing: a bot created before roles existed keeps
+    renewing its own identity while the admin creates them.
+    """
+    missing = [name for name in names if name not in stored]
+    if missing and required:
+        raise AccessDenied(role_not_found(missing[0]))
+    if missing:
+        log.warning(
+            'bot "%s" holds roles that do not exist and grant nothing: %s',
+            bot.name,
+            ", ".join(missing),
+        )
+    return [stored[name] for name in names if name in stored]
 
 
 def create_app(

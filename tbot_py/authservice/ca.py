@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tbot_py.authservice import _sshcert
+from tbot_py.authservice import _sshcert, _x509leaf
 from tbot_py.authservice.errors import BadParameter
 from tbot_py.client.wire import Certs
 from tbot_py.identity import keys, tlsid
@@ -40,6 +40,8 @@ CLOCK_SKEW = timedelta(minutes=1)
 DEFAULT_CERT_TTL = timedelta(hours=1)
 MAX_CERT_TTL = timedelta(hours=24)
 SERVER_CERT_TTL = timedelta(days=365)
+#: Extended key usages of identity certificates (bots, outputs, admins).
+IDENTITY_USAGES = (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH)
 
 #: SANs every server certificate carries, besides the listen and public hosts.
 SERVER_DEFAULT_SANS = (
@@ -74,6 +76,19 @@ class Authority:
     def ssh_public_key_line(self) -> bytes:
         """The CA's SSH public key as an authorized_keys line."""
         return keys.ssh_public_key_line(self.key.public_key())
+
+    @cached_property
+    def identity_leaf(self) -> _x509leaf.LeafTemplate:
+        """What every identity certificate this CA signs repeats: issuer, extensions."""
+        sample = _sign_leaf(
+            self,
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "template")]),
+            self.key.public_key(),
+            not_after=self.cert.not_valid_after_utc,
+            now=self.cert.not_valid_before_utc + CLOCK_SKEW,
+            usages=IDENTITY_USAGES,
+        )
+        return _x509leaf.LeafTemplate(sample)
 
     @cached_property
     def authority_key_identifier(self) -> x509.AuthorityKeyIdentifier:
@@ -313,18 +328,18 @@ def _issue_user_identity(
     expires: datetime,
     now: datetime,
 ) -> Certs:
-    tls_cert = _sign_leaf(
-        cas.user,
-        identity.to_subject(),
-        public_key,
+    tls_cert = cas.user.identity_leaf.sign(
+        cas.user.key,
+        subject=identity.to_subject(),
+        public_key=public_key,
+        serial=_serial_128(),
+        not_before=now - CLOCK_SKEW,
         not_after=expires,
-        now=now,
-        usages=(ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH),
     )
     ssh_cert = _sign_ssh_user_cert(cas.user, identity, public_key, expires=expires, now=now)
     return Certs(
         ssh=ssh_cert,
-        tls=tls_cert.public_bytes(serialization.Encoding.PEM),
+        tls=_x509leaf.pem(tls_cert),
         tls_ca_certs=cas.tls_ca_certs,
         ssh_ca_certs=cas.ssh_ca_keys,
     )

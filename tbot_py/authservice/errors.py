@@ -82,3 +82,12 @@ class StorageUnavailable(AuthServiceError):
     """The PostgreSQL state database cannot be reached or failed a statement (HTTP 503)."""
 
     status = 503
+
+
+class StorageBusy(AuthServiceError):
+    """A transaction asked not to wait would have had to wait for a lock or the network (503).
+
+    The server catches it and runs the transaction in a worker thread, where it may wait.
+    """
+
+    status = 503

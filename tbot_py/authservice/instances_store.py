@@ -201,22 +201,13 @@ class InstanceStore:
         # Raised after COMMIT: the lock stands although the renewal is refused.
         raise GenerationMismatch(lock.denial(), lock=lock, stored=stored, presented=presented)
 
-    def admit(self, bot_name: str, instance_id: str, now: datetime) -> None:
-        """Record that the instance was seen, if it may be served.
+    def record_seen(self, bot_name: str, instance_id: str, now: datetime) -> None:
+        """Record that the instance was seen at ``now`` (see :func:`admit_instance`).
 
-        Raises Locked when a lock is in force on the instance or its bot, and
-        AccessDenied when the instance does not exist.
+        A write transaction that checks the locks again, so a lock made since the
+        caller was admitted still refuses it: raises Locked, or AccessDenied when the
+        instance no longer exists.
         """
-        with self._transaction() as conn:
-            locks.refuse_if_locked(conn, bot_name, instance_id, now)
-            row = conn.execute(
-                "SELECT last_seen_at FROM bot_instances WHERE id = ? AND bot_name = ?",
-                (instance_id, bot_name),
-            ).fetchone()
-        if row is None:
-            raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
-        if row[0] is not None and now - _sql.dt(row[0]) < LAST_SEEN_RESOLUTION:
-            return  # seen recently: no write (and no wait for the disk) on every request
         with self._transaction(write=True) as conn:
             locks.refuse_if_locked(conn, bot_name, instance_id, now)
             updated = conn.execute(
@@ -225,6 +216,28 @@ class InstanceStore:
             ).rowcount
         if updated != 1:
             raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
+
+
+# -- in a Storage transaction ---------------------------------------------------------
+
+
+def admit_instance(conn: _sql.Connection, bot_name: str, instance_id: str, now: datetime) -> bool:
+    """Check that the instance may be served; True when its ``last_seen_at`` is due.
+
+    Raises Locked when a lock is in force on the instance or its bot, and
+    AccessDenied when the instance does not exist. Reads only: the caller records
+    a due ``last_seen_at`` with :meth:`InstanceStore.record_seen`, at most once per
+    :data:`LAST_SEEN_RESOLUTION`, so serving certificates writes (and waits for the
+    disk) rarely.
+    """
+    locks.refuse_if_locked(conn, bot_name, instance_id, now)
+    row = conn.execute(
+        "SELECT last_seen_at FROM bot_instances WHERE id = ? AND bot_name = ?",
+        (instance_id, bot_name),
+    ).fetchone()
+    if row is None:
+        raise AccessDenied(f"bot instance {bot_name}/{instance_id} not found")
+    return row[0] is None or now - _sql.dt(row[0]) >= LAST_SEEN_RESOLUTION
 
 
 def _instance_from_row(row: tuple[object, ...]) -> BotInstanceRecord:

@@ -7,6 +7,7 @@ deleted; both are checked in the transaction that makes the change.
 
 from __future__ import annotations
 
+import functools
 import json
 from datetime import UTC, datetime
 
@@ -14,6 +15,9 @@ from tbot_py.authservice import _sql
 from tbot_py.authservice.errors import AlreadyExists, AuthServiceError, BadParameter, NotFound
 from tbot_py.authservice.roles import PRESET_ROLES, Role, role_from_data
 from tbot_py.errors import ConfigError
+
+#: How many distinct role definitions :func:`_parse_role` keeps validated.
+ROLE_CACHE_SIZE = 256
 
 
 def role_not_found(name: str) -> str:
@@ -43,6 +47,17 @@ def require_roles(conn: _sql.Connection, names: tuple[str, ...]) -> None:
     for name in names:
         if name not in found:
             raise NotFound(role_not_found(name))
+
+
+def get_roles(conn: _sql.Connection, names: tuple[str, ...]) -> dict[str, Role]:
+    """The stored roles among ``names``, by name, in a Storage transaction."""
+    if not names:
+        return {}
+    rows = conn.execute(
+        f"SELECT name, definition FROM roles WHERE name IN ({_sql.placeholders(names)})",  # noqa: S608
+        names,
+    ).fetchall()
+    return {str(name): _role_from_json(str(name), str(text)) for name, text in rows}
 
 
 class RoleStore:
@@ -77,14 +92,8 @@ class RoleStore:
 
     def get_many(self, names: tuple[str, ...]) -> dict[str, Role]:
         """The roles among ``names`` that exist, by name."""
-        if not names:
-            return {}
         with self._transaction() as conn:
-            rows = conn.execute(
-                f"SELECT name, definition FROM roles WHERE name IN ({_sql.placeholders(names)})",  # noqa: S608
-                names,
-            ).fetchall()
-        return {str(name): _role_from_json(str(name), str(text)) for name, text in rows}
+            return get_roles(conn, names)
 
     def list_all(self) -> list[Role]:
         """Every role, by name."""
@@ -115,10 +124,22 @@ class RoleStore:
 
 def _role_from_json(name: str, text: str) -> Role:
     try:
-        return role_from_data(json.loads(text))
+        return _parse_role(text)
     except (ValueError, ConfigError):
         pass
     # Not chained: the error would quote the stored definition.
     raise AuthServiceError(
         f'stored role "{name}" is damaged; replace it with tbot-py auth create -f role.yaml --force'
     )
+
+
+@functools.lru_cache(maxsize=ROLE_CACHE_SIZE)
+def _parse_role(text: str) -> Role:
+    """A stored definition, validated once per distinct text.
+
+    Every request reads its roles' definitions afresh, so a changed role is in force
+    at once; only the validation of an unchanged text, the costly part, is cached.
+    Sharing one Role between requests is safe: roles are frozen and nothing changes
+    them in place.
+    """
+    return role_from_data(json.loads(text))

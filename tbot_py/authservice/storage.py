@@ -12,6 +12,12 @@ state. A write transaction there takes one transaction-level advisory lock up
 front, the same guarantee ``BEGIN IMMEDIATE`` gives, and the schema version
 lives in a ``schema_version`` table instead of ``PRAGMA user_version``.
 
+The auth service reads on its event loop when that waits for nothing: a
+transaction with ``wait=False`` raises StorageBusy instead of waiting for a
+lock (SQLite) or the network (always, for PostgreSQL), and the caller then
+reads in a worker thread. In WAL mode an SQLite reader waits for no writer,
+so the event loop serves the common request without a thread hop.
+
 This module owns the connection and transaction rules, the schema and the
 cluster metadata. Each table's queries live in their own module and are
 reached through a ``Storage`` attribute that shares its transactions:
@@ -29,12 +35,12 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from tbot_py.authservice import _sql, locks
 from tbot_py.authservice.bots_store import BotStore
 from tbot_py.authservice.ca_store import CAStore
-from tbot_py.authservice.errors import AuthServiceError
+from tbot_py.authservice.errors import AuthServiceError, StorageBusy
 from tbot_py.authservice.instances_store import InstanceStore
 from tbot_py.authservice.roles_store import RoleStore, seed_preset_roles
 from tbot_py.authservice.tokens_store import TokenStore
@@ -42,6 +48,8 @@ from tbot_py.authservice.tokens_store import TokenStore
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 5000
+
+T = TypeVar("T")
 
 # One tuple of statements per schema version; executescript() would commit our transaction.
 _SCHEMA_V1 = (
@@ -129,8 +137,13 @@ class Backend(Protocol):
     #: Where the state lives, for messages: a path, or a DSN without its password.
     location: str
 
-    def transaction(self, *, write: bool = False) -> AbstractContextManager[_sql.Connection]:
-        """One transaction on its own connection; ``write`` takes the write lock up front."""
+    def transaction(
+        self, *, write: bool = False, wait: bool = True
+    ) -> AbstractContextManager[_sql.Connection]:
+        """One transaction on its own connection; ``write`` takes the write lock up front.
+
+        With ``wait=False`` it raises StorageBusy where it would wait for a lock or the network.
+        """
         ...
 
     def prepare(self) -> None:
@@ -152,43 +165,54 @@ class SQLiteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = str(path)
-        # One connection per thread (and per process: workers fork), reused across
-        # transactions; opening one costs more than a small transaction.
+        # Per thread (and per process: workers fork) one connection that waits for
+        # locks and one that does not, reused across transactions; opening one costs
+        # more than a small transaction.
         self._local = threading.local()
         self._inherited: list[sqlite3.Connection] = []
 
-    def _connection(self) -> sqlite3.Connection:
-        cached: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
-        if cached is not None:
-            if cached[0] == os.getpid():
-                return cached[1]
-            # Inherited through fork (auth service workers): never use it, and never close
-            # it here either, which could disturb the parent's locks; keep it referenced.
-            self._inherited.append(cached[1])
-        conn = self._connect()
-        self._local.conn = (os.getpid(), conn)
+    def _connection(self, busy_timeout_ms: int) -> sqlite3.Connection:
+        cached: tuple[int, dict[int, sqlite3.Connection]] | None = getattr(
+            self._local, "conns", None
+        )
+        if cached is None or cached[0] != os.getpid():
+            if cached is not None:
+                # Inherited through fork (auth service workers): never use them, and never
+                # close them here either, which could disturb the parent's locks.
+                self._inherited.extend(cached[1].values())
+            cached = (os.getpid(), {})
+            self._local.conns = cached
+        conn = cached[1].get(busy_timeout_ms)
+        if conn is None:
+            conn = cached[1][busy_timeout_ms] = self._connect(busy_timeout_ms)
         return conn
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    def _connect(self, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=busy_timeout_ms / 1000, isolation_level=None)
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
     @contextmanager
-    def transaction(self, *, write: bool = False) -> Iterator[_sql.Connection]:
-        """One transaction; a write one starts with ``BEGIN IMMEDIATE``."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+    def transaction(self, *, write: bool = False, wait: bool = True) -> Iterator[_sql.Connection]:
+        """One transaction; a write one starts with ``BEGIN IMMEDIATE``.
+
+        ``wait=False`` runs it on a connection with no busy timeout: where it would wait
+        for another connection's lock it raises StorageBusy, and nothing is left open.
+        """
+        conn = self._connection(BUSY_TIMEOUT_MS if wait else 0)
         try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             yield _sql.Connection(conn, postgres=False, integrity_errors=(sqlite3.IntegrityError,))
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             # Also when COMMIT itself failed: the reused connection must leave no
             # transaction open behind it.
             if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
+            if not wait and _is_busy(exc):
+                raise StorageBusy(f"{self.location} is locked by another connection") from None
             raise
 
     def prepare(self) -> None:
@@ -206,6 +230,15 @@ class SQLiteBackend:
     def write_version(self, conn: _sql.Connection, version: int) -> None:
         """Set ``PRAGMA user_version``."""
         conn.execute(f"PRAGMA user_version = {int(version)}")
+
+
+def _is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (any extended busy or locked code)."""
+    code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+    return isinstance(exc, sqlite3.OperationalError) and code in (
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+    )
 
 
 def is_postgres_url(storage: str) -> bool:
@@ -255,6 +288,16 @@ class Storage:
 
     def _transaction(self, *, write: bool = False) -> AbstractContextManager[_sql.Connection]:
         return self.backend.transaction(write=write)
+
+    def read(self, fn: Callable[[_sql.Connection], T], *, wait: bool = True) -> T:
+        """``fn(conn)`` in one read transaction, so its reads see one snapshot.
+
+        ``fn`` must only read. With ``wait=False`` this raises StorageBusy rather than
+        wait for a lock or the network (see the module docstring); ``fn`` may then have
+        run in part, and running it again is safe because it only reads.
+        """
+        with self.backend.transaction(wait=wait) as conn:
+            return fn(conn)
 
     def _migrate(self) -> None:
         self.backend.prepare()

@@ -15,6 +15,8 @@ from cryptography import x509
 
 import tbot_py
 from tbot_py.authservice import admin
+from tbot_py.authservice.app import requested_public_key
+from tbot_py.authservice.errors import BadParameter
 from tbot_py.authservice.server import RunningAuthService
 from tbot_py.client import wire
 from tbot_py.identity import keys, tlsid
@@ -290,3 +292,16 @@ def test_unexpected_failure_is_a_bare_500_with_the_traceback_in_the_log(
     assert resp.json() == {"error": {"message": "internal server error"}}
     assert "detail-xyz" not in resp.text
     assert any(r.exc_info and "detail-xyz" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_the_requested_key_is_taken_with_a_comment_and_refused_when_the_ssh_line_differs() -> None:
+    key = keys.generate_private_key().public_key()
+    pem, line = keys.public_key_pem(key), keys.ssh_public_key_line(key)
+    for ssh in (line, line.rstrip() + b" bot@host\n", b"  " + line):
+        found = requested_public_key(wire.PublicKeys(tls=pem, ssh=ssh))
+        assert keys.same_public_key(found, key)
+    other = keys.ssh_public_key_line(keys.generate_private_key().public_key())
+    with pytest.raises(BadParameter, match="not the same key"):
+        requested_public_key(wire.PublicKeys(tls=pem, ssh=other))
+    with pytest.raises(BadParameter, match="authorized_keys"):
+        requested_public_key(wire.PublicKeys(tls=pem, ssh=line.replace(b" ", b"  ", 1)))

@@ -205,8 +205,9 @@ def test_checking_locks_is_one_indexed_query_per_call(
     statements: list[str] = []
     connection = SQLiteBackend._connection
 
-    def traced(backend: SQLiteBackend) -> sqlite3.Connection:
-        conn = connection(backend)  # reused per thread, so trace each time it is handed out
+    def traced(backend: SQLiteBackend, busy_timeout_ms: int) -> sqlite3.Connection:
+        # Reused per thread, so trace each time it is handed out.
+        conn = connection(backend, busy_timeout_ms)
         conn.set_trace_callback(statements.append)
         return conn
 

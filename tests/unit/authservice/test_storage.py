@@ -25,8 +25,9 @@ from tbot_py.authservice.errors import (
     GenerationMismatch,
     Locked,
     NotFound,
+    StorageBusy,
 )
-from tbot_py.authservice.instances_store import RenewalAnswer
+from tbot_py.authservice.instances_store import RenewalAnswer, admit_instance
 from tbot_py.authservice.roles import (
     LOGINS_TRAIT,
     PRESET_ROLES,
@@ -34,7 +35,13 @@ from tbot_py.authservice.roles import (
     RoleConditions,
     new_role,
 )
-from tbot_py.authservice.storage import SCHEMA_VERSION, SchemaTooNew, SQLiteBackend, Storage
+from tbot_py.authservice.storage import (
+    SCHEMA_VERSION,
+    SchemaTooNew,
+    SQLiteBackend,
+    Storage,
+    get_meta,
+)
 from tbot_py.identity import keys
 
 from .conftest import theft_denial
@@ -695,7 +702,7 @@ def test_locks_are_stored_enforced_on_join_and_renewal_and_removed(storage: Stor
         storage.locks.remove(lock.id)
 
 
-def test_admit_records_last_seen_to_a_minute_without_writing_on_every_call(
+def test_admission_asks_for_last_seen_once_a_minute_and_record_seen_writes_it(
     one_instance: Storage,
 ) -> None:
     def last_seen() -> datetime:
@@ -703,14 +710,75 @@ def test_admit_records_last_seen_to_a_minute_without_writing_on_every_call(
         assert instance is not None
         return instance.last_seen_at
 
+    def due(instance_id: str, now: datetime) -> bool:
+        return one_instance.read(lambda conn: admit_instance(conn, "ci", instance_id, now))
+
     start = last_seen()
-    one_instance.instances.admit("ci", "i-1", start + timedelta(seconds=30))
-    assert last_seen() == start  # within the resolution: no write
+    assert not due("i-1", start + timedelta(seconds=30))  # within the resolution: no write
     later = start + timedelta(seconds=61)
-    one_instance.instances.admit("ci", "i-1", later)
+    assert due("i-1", later)
+    one_instance.instances.record_seen("ci", "i-1", later)
     assert last_seen() == later
-    with pytest.raises(AccessDenied):
-        one_instance.instances.admit("ci", "i-missing", later)
+    assert not due("i-1", later + timedelta(seconds=1))
+    with pytest.raises(AccessDenied, match="not found"):
+        due("i-missing", later)
+    with pytest.raises(AccessDenied, match="not found"):
+        one_instance.instances.record_seen("ci", "i-missing", later)
+
+
+def test_admission_and_record_seen_refuse_a_locked_instance(one_instance: Storage) -> None:
+    one_instance.locks.add(
+        locks.new_lock(locks.KIND_BOT_INSTANCE, "ci/i-1", "stolen", created_by="admin", now=NOW)
+    )
+    later = NOW + timedelta(minutes=5)
+    with pytest.raises(Locked, match="stolen"):
+        one_instance.read(lambda conn: admit_instance(conn, "ci", "i-1", later))
+    # The write checks again: a lock made after the caller was admitted still stops it.
+    with pytest.raises(Locked, match="stolen"):
+        one_instance.instances.record_seen("ci", "i-1", later)
+
+
+def test_a_read_that_may_not_wait_is_not_held_up_by_a_writer(sqlite_storage: Storage) -> None:
+    # WAL: a reader never waits for a writer, so the server reads on its event loop.
+    writer = sqlite3.connect(str(sqlite_storage.path), isolation_level=None)
+    try:
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("INSERT INTO meta (key, value) VALUES ('k', 'uncommitted')")
+        assert sqlite_storage.read(lambda conn: get_meta(conn, "k"), wait=False) is None
+        writer.execute("COMMIT")
+    finally:
+        writer.close()
+    assert sqlite_storage.read(lambda conn: get_meta(conn, "k"), wait=False) == "uncommitted"
+
+
+def test_a_read_that_may_not_wait_raises_storage_busy_and_leaves_no_transaction(
+    tmp_path: Path,
+) -> None:
+    # Without WAL (a fresh file, never prepared) an exclusive writer does block readers.
+    backend = SQLiteBackend(tmp_path / "t.db")
+    with backend.transaction(write=True) as conn:
+        conn.execute("CREATE TABLE t (v INTEGER)")
+    holder = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        holder.execute("INSERT INTO t VALUES (1)")
+        busy = pytest.raises(StorageBusy, match="locked by another connection")
+        with busy, backend.transaction(wait=False) as conn:
+            conn.execute("SELECT COUNT(*) FROM t").fetchone()
+        holder.execute("COMMIT")
+    finally:
+        holder.close()
+    with backend.transaction(wait=False) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1
+
+
+def test_postgres_never_reads_without_waiting() -> None:
+    from tbot_py.authservice._postgres import PostgresBackend
+
+    # No server needed: it refuses before connecting, since every statement is a round trip.
+    backend = PostgresBackend("postgres://tbot@127.0.0.1:1/none")
+    with pytest.raises(StorageBusy, match="network"), backend.transaction(wait=False):
+        pass
 
 
 def test_a_failed_commit_leaves_the_reused_connection_usable(tmp_path: Path) -> None:
