@@ -5,16 +5,19 @@
 Each bot runs tbot-py's own code against the real auth service over real TLS: it joins
 with its token (``obtain_bot_identity``: the pinned CA fetch, then the join), then renews
 its identity (``obtain_bot_identity`` again: a fresh key, mTLS with the current
-certificate) whenever the daemon's schedule says so (``schedule.next_renewal``, with a
-jitter drawn as the daemon draws it; failures back off with ``schedule.retry_time``).
-At its ``restart_at`` a bot renews at once, as a restarted daemon does with its stored
-identity. Storage is in memory. Every operation's start, latency and outcome goes to
-RESULTS.jsonl, one JSON object per line, when the run ends; so does every HTTP request
-the client made (its start, and the time to its answer: what the server's clients see).
+certificate) whenever the daemon's schedule says so, by the daemon's own rule: after the
+first success of a (re)start and after a success that ends failures,
+``schedule.first_renewal`` (anywhere in the interval); otherwise ``schedule.next_renewal``
+(+-10 %, counted from the start of the renewal); failures back off with
+``schedule.retry_time``. At its ``restart_at`` a bot renews at once, as a restarted daemon
+does with its stored identity. Storage is in memory. Every operation's start, latency and
+outcome goes to RESULTS.jsonl, one JSON object per line, when the run ends; so does every
+HTTP request the client made (its start, and the time to its answer: what the server's
+clients see).
 
 The plan (written by ``bench/fleet.py``) holds the address, the CA pin, the epoch (wall
-clock) all times are relative to, the schedule parameters and one entry per bot:
-token, join_at, restart_at.
+clock) all times are relative to, the schedule parameters (TTL, interval and the minimum
+spacing, all compressed alike) and one entry per bot: token, join_at, restart_at.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Plan:
     duration: float
     ttl: timedelta
     interval: timedelta
+    min_spacing: timedelta
     seed: int
     bots: list[dict[str, Any]]
 
@@ -57,6 +61,7 @@ class Plan:
             duration=doc["duration"],
             ttl=timedelta(seconds=doc["ttl_s"]),
             interval=timedelta(seconds=doc["interval_s"]),
+            min_spacing=timedelta(seconds=doc["min_spacing_s"]),
             seed=doc["seed"],
             bots=doc["bots"],
         )
@@ -137,12 +142,15 @@ class Fleet:
         backoff = schedule.Backoff()
         identity: Identity | None = None
         kind, next_at = "join", float(spec["join_at"])
+        started = True  # the next success is the first of this (re)start
         while True:
             if restart_at is not None and restart_at <= next_at:
                 kind, next_at, restart_at = "restart", restart_at, None
+                started, backoff = True, schedule.Backoff()  # a new process
             if next_at >= plan.duration:
                 return
             await self._sleep_until(next_at)
+            began = utc_now()
             try:
                 identity = await self._obtain(kind, next_at, params, storage)
             except Exception:
@@ -154,14 +162,28 @@ class Fleet:
                     not_after=identity.not_after if identity else None,
                 )
             else:
+                # The daemon's rule (Daemon._on_success): spread after a start or failures.
+                spread, started = started or backoff.failures > 0, False
                 backoff = backoff.reset()
-                when = schedule.next_renewal(
-                    now=utc_now(),
-                    not_before=identity.not_before,
-                    not_after=identity.not_after,
-                    renewal_interval=plan.interval,
-                    jitter=self.rng.uniform(-1.0, 1.0),
-                )
+                if spread:
+                    when = schedule.first_renewal(
+                        now=utc_now(),
+                        not_before=identity.not_before,
+                        not_after=identity.not_after,
+                        renewal_interval=plan.interval,
+                        rand=self.rng.random(),
+                        min_spacing=plan.min_spacing,
+                    )
+                else:
+                    when = schedule.next_renewal(
+                        now=utc_now(),
+                        not_before=identity.not_before,
+                        not_after=identity.not_after,
+                        renewal_interval=plan.interval,
+                        jitter=self.rng.uniform(-1.0, 1.0),
+                        min_spacing=plan.min_spacing,
+                        started=began,
+                    )
             kind = "join" if identity is None else "renew"
             next_at = when.timestamp() - plan.epoch
 

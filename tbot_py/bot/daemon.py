@@ -4,8 +4,11 @@ One *task* per credential: the bot's own identity (named ``identity``, as in
 tbot) and one per output service. Each task runs, then schedules its own next
 run from the certificate it actually got (:mod:`tbot_py.bot.schedule`):
 
-- success: at ``renewal_interval`` (±10 %), never later than ⅓ of the issued
-  lifetime before NotAfter, never sooner than a minimum spacing;
+- success: at ``renewal_interval`` (±10 %) from the start of the run, never later
+  than ⅓ of the issued lifetime before NotAfter, never sooner than a minimum spacing
+  after its end; the first success after a start or after failures draws its next
+  run from the whole interval instead, so a fleet restarted together does not stay
+  in step;
 - failure: capped exponential backoff with full jitter, always before the
   credential expires, and slowly (never hammering) for errors retrying cannot fix.
 
@@ -336,13 +339,25 @@ class Daemon:
         task.not_after = identity.not_after
         first = not task.succeeded_once
         task.succeeded_once = True
-        when = schedule.next_renewal(
-            now=now,
-            not_before=identity.not_before,
-            not_after=identity.not_after,
-            renewal_interval=task.interval,
-            jitter=self.rng.uniform(-1.0, 1.0),
-        )
+        if first or attempt:
+            # After a start or a recovery, anywhere in the interval: daemons restarted
+            # together (or back from one outage) must not stay in step.
+            when = schedule.first_renewal(
+                now=now,
+                not_before=identity.not_before,
+                not_after=identity.not_after,
+                renewal_interval=task.interval,
+                rand=self.rng.random(),
+            )
+        else:
+            when = schedule.next_renewal(
+                now=now,
+                not_before=identity.not_before,
+                not_after=identity.not_after,
+                renewal_interval=task.interval,
+                jitter=self.rng.uniform(-1.0, 1.0),
+                started=now - timedelta(seconds=duration),
+            )
         self.health.report_success(
             task.name, not_after=identity.not_after, next_renewal=when, duration=duration,
             attempt=attempt,

@@ -34,6 +34,7 @@ __all__ = [
     "Backoff",
     "ErrorKind",
     "classify",
+    "first_renewal",
     "next_renewal",
     "retry_time",
 ]
@@ -52,28 +53,78 @@ def next_renewal(
     renewal_interval: timedelta,
     jitter: float,
     min_spacing: timedelta = MIN_SPACING,
+    started: datetime | None = None,
 ) -> datetime:
     """When to renew a credential just issued (or loaded), computed from the *issued* validity.
 
-    The base time is ``now + renewal_interval`` (as in tbot), but never later than the deadline
-    ``not_after - lifetime/3``. ``jitter`` in [-1, 1] moves the time by up to 10 % of the delay;
-    where that would cross the deadline it moves the other way instead, so a fleet whose interval
-    hits the deadline still spreads out. The result is never sooner than ``now + min_spacing``,
-    which stops a renew-immediately loop when the CA issues short lifetimes or clocks skew.
+    The base time is ``started + renewal_interval`` (as in tbot), but never later than the
+    deadline ``not_after - lifetime/3``. ``started`` is when the run that got the credential
+    began (``now`` if not given): counting from it, like tbot's fixed ticker, keeps a slow
+    answer from shifting the schedule, so renewals that a busy server answered all at once
+    (a backlog draining) do not come back together. ``jitter`` in [-1, 1] moves the time by up
+    to 10 % of the delay; where that would cross the deadline it moves the other way instead,
+    so a fleet whose interval hits the deadline still spreads out. The result is never sooner
+    than ``now + min_spacing``, which stops a renew-immediately loop when the CA issues short
+    lifetimes, a run takes longer than the interval, or clocks skew.
     """
     if not -1.0 <= jitter <= 1.0:  # also rejects NaN
         raise ValueError(f"jitter must be in [-1, 1], got {jitter!r}")
-    lifetime = max(not_after - not_before, timedelta(0))
-    deadline = not_after - lifetime / _REMAINING_FRACTION
-    base = min(now + renewal_interval, deadline)
+    begun = now if started is None else min(started, now)
+    base, deadline = _base_and_deadline(begun, not_before, not_after, renewal_interval)
     earliest = now + min_spacing
     if base <= now:
-        return earliest  # already past the deadline: renew soon, not in a tight loop
-    shift = (base - now) * (JITTER_FRACTION * jitter)
+        return earliest  # past the deadline (or the run outlasted the interval): soon, no loop
+    shift = (base - begun) * (JITTER_FRACTION * jitter)
     when = base + shift
     if when > deadline:
         when = base - abs(shift)
     return max(when, earliest)
+
+
+def first_renewal(
+    *,
+    now: datetime,
+    not_before: datetime,
+    not_after: datetime,
+    renewal_interval: timedelta,
+    rand: float,
+    min_spacing: timedelta = MIN_SPACING,
+) -> datetime:
+    """When to renew first after the daemon started, or after a run of failures ended.
+
+    Uniform over the whole delay: from ``now + min_spacing`` to the base time of
+    ``next_renewal`` (``now + renewal_interval``, never past the 1/3-lifetime deadline), with
+    ``rand`` drawn by the caller from [0, 1). Later renewals go back to ``next_renewal``.
+
+    Why: daemons restarted together (a config push, a reboot, an upgrade) or back from the
+    same outage renew together, and +-10 % jitter takes many cycles to undo that. tbot renews
+    at start, then on a fixed ticker without jitter (``RunOnInterval`` in
+    lib/tbot/internal/loop.go), so its herd never spreads. SPIRE agents rotate at half-life
+    +-10 % (pkg/common/rotationutil); Vault's ``LifetimeWatcher`` sleeps 2/3 of the lease
+    plus a third of a random 10-20 % grace (api/lifetime_watcher.go): jitter of 10 % of the
+    delay or less, which undoes a herd as slowly as ours. A delay uniform over one whole
+    interval makes the renewal's phase within the interval uniform whatever the start times
+    were, so one cycle after a restart the load is flat, and later +-10 % jitter keeps it
+    flat. A narrower window (the second half of the interval, say) would leave part of each
+    interval empty and the rest up to twice as busy. The cost: on average half a renewal
+    more per start or recovery.
+    """
+    if not 0.0 <= rand < 1.0:  # also rejects NaN
+        raise ValueError(f"rand must be in [0, 1), got {rand!r}")
+    base, _ = _base_and_deadline(now, not_before, not_after, renewal_interval)
+    earliest = now + min_spacing
+    if base <= earliest:
+        return earliest  # no room to spread: as next_renewal, never sooner than min_spacing
+    return earliest + (base - earliest) * rand
+
+
+def _base_and_deadline(
+    begun: datetime, not_before: datetime, not_after: datetime, renewal_interval: timedelta
+) -> tuple[datetime, datetime]:
+    """``(begun + renewal_interval, but never past the deadline; the deadline)``."""
+    lifetime = max(not_after - not_before, timedelta(0))
+    deadline = not_after - lifetime / _REMAINING_FRACTION
+    return min(begun + renewal_interval, deadline), deadline
 
 
 @dataclass(frozen=True)

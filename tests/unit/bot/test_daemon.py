@@ -24,6 +24,7 @@ import pytest
 
 from tbot_py.authservice import admin
 from tbot_py.authservice.server import RunningAuthService
+from tbot_py.bot import schedule
 from tbot_py.bot.daemon import BOT_TASK, WALL_CLOCK_TICK, Daemon
 from tbot_py.config import BotConfig, load_config_text
 from tbot_py.diagnostics.health import HealthRegistry, ServiceHealth, Status
@@ -561,3 +562,74 @@ def test_a_fresh_bot_identity_retries_failed_outputs_at_once(
 
     _drive(daemon, scenario)
     assert set(_files(tmp_path / "late")) >= IDENTITY_FILES
+
+
+# -- the first renewal after a start or a recovery --------------------------------------
+
+
+class LowestRandom(random.Random):
+    """Every draw at the low end: ``random()`` 0.0, so ``uniform(-1, 1)`` is -1."""
+
+    def random(self) -> float:
+        return 0.0
+
+
+def _planned_delay(daemon: Daemon, name: str) -> timedelta:
+    """How long after its last success the task's next renewal is planned."""
+    health = daemon.health.get(name)
+    assert health is not None and health.next_renewal and health.last_success
+    return health.next_renewal - health.last_success
+
+
+def _about(delay: timedelta, seconds: float) -> bool:
+    return abs(delay.total_seconds() - seconds) < 1.0
+
+
+#: With the test config (interval 40 s) and every draw at its lowest: the first renewal
+#: after a start or a recovery at the minimum spacing, any later one at -10 % of 40 s.
+SPREAD_LOWEST_S = schedule.MIN_SPACING.total_seconds()
+JITTER_LOWEST_S = 36.0
+
+
+def test_first_renewals_after_start_spread_over_the_interval_later_ones_use_the_jitter(
+    service: RunningAuthService, token: str, tmp_path: Path
+) -> None:
+    notifier = FakeNotifier()
+    config = _config(service, token, {"a": (tmp_path / "a", ["dev"])})
+    daemon = _daemon(config, notifier, rng=LowestRandom())
+
+    async def scenario() -> tuple[timedelta, timedelta, timedelta, timedelta]:
+        await _until(lambda: "ready" in notifier.events, "READY", START_TIMEOUT)
+        after_start = _planned_delay(daemon, BOT_TASK), _planned_delay(daemon, "a")
+        generation, output = _generation(daemon), daemon.health.get("a")
+        daemon.renew_all_now()
+        await _until(
+            lambda: _generation(daemon) > generation and daemon.health.get("a") != output,
+            "the bot and the output renewed",
+        )
+        return *after_start, _planned_delay(daemon, BOT_TASK), _planned_delay(daemon, "a")
+
+    bot_first, output_first, bot_later, output_later = _drive(daemon, scenario)
+
+    assert _about(bot_first, SPREAD_LOWEST_S) and _about(output_first, SPREAD_LOWEST_S)
+    assert _about(bot_later, JITTER_LOWEST_S) and _about(output_later, JITTER_LOWEST_S)
+
+
+def test_an_output_back_from_failures_spreads_its_next_renewal_over_the_interval(
+    service: RunningAuthService, token: str, tmp_path: Path
+) -> None:
+    outputs = {"late": (tmp_path / "late", ["ops"])}
+    daemon = _daemon(_config(service, token, outputs), FakeNotifier(), rng=LowestRandom())
+
+    async def scenario() -> tuple[timedelta, timedelta]:
+        await _until(lambda: _status(daemon, "late") is Status.UNHEALTHY, "late to fail")
+        create_login_roles(service.cluster, "ops")
+        admin.update_bot_roles(service.cluster, BOT, add=("ops",))
+        daemon._schedule(BOT_TASK, utc_now())
+        await _until(lambda: _status(daemon, "late") is Status.HEALTHY, "late to recover", 5)
+        return _planned_delay(daemon, BOT_TASK), _planned_delay(daemon, "late")
+
+    bot, late = _drive(daemon, scenario)
+
+    assert _about(late, SPREAD_LOWEST_S)  # back from a failure: spread
+    assert _about(bot, JITTER_LOWEST_S)  # renewed without a failure: the usual jitter

@@ -15,6 +15,7 @@ from tbot_py.bot.schedule import (
     Backoff,
     ErrorKind,
     classify,
+    first_renewal,
     next_renewal,
     retry_time,
 )
@@ -168,6 +169,138 @@ def test_chained_renewals_do_not_accumulate_jitter() -> None:
     assert abs(mean - interval) <= interval * 0.01
     assert all(interval * 0.9 <= p <= interval * 1.1 for p in periods)
     assert now - NOW == sum(periods, timedelta(0))
+
+
+def test_renewal_counts_from_the_start_of_a_slow_run_not_its_end() -> None:
+    """A renewal answered late (a server draining a backlog) keeps its place in the schedule."""
+    started = NOW - 30 * SEC
+    when = next_renewal(
+        now=NOW,
+        not_before=NOW,
+        not_after=NOW + 60 * MIN,
+        renewal_interval=20 * MIN,
+        jitter=0.0,
+        started=started,
+    )
+    assert when == started + 20 * MIN
+
+
+def test_run_longer_than_the_interval_still_waits_min_spacing() -> None:
+    when = next_renewal(
+        now=NOW,
+        not_before=NOW,
+        not_after=NOW + 60 * MIN,
+        renewal_interval=20 * MIN,
+        jitter=-1.0,
+        started=NOW - 25 * MIN,
+    )
+    assert when == NOW + MIN_SPACING
+
+
+def test_start_after_now_as_with_a_clock_step_counts_from_now() -> None:
+    when = next_renewal(
+        now=NOW,
+        not_before=NOW,
+        not_after=NOW + 60 * MIN,
+        renewal_interval=20 * MIN,
+        jitter=0.0,
+        started=NOW + 5 * MIN,
+    )
+    assert when == NOW + 20 * MIN
+
+
+# -- the first renewal after a start or a recovery -------------------------------------------
+
+
+def first(
+    *, ttl: timedelta, interval: timedelta, rand: float, issued_ago: timedelta = timedelta(0)
+) -> datetime:
+    not_before = NOW - issued_ago
+    return first_renewal(
+        now=NOW,
+        not_before=not_before,
+        not_after=not_before + ttl,
+        renewal_interval=interval,
+        rand=rand,
+    )
+
+
+@pytest.mark.parametrize(("ttl", "interval", "issued_ago"), CASES)
+def test_first_renewal_spreads_from_min_spacing_to_base_never_past_deadline(
+    ttl: timedelta, interval: timedelta, issued_ago: timedelta
+) -> None:
+    deadline = NOW - issued_ago + ttl - ttl / 3
+    base = min(NOW + interval, deadline)
+    earliest = NOW + MIN_SPACING
+    rng = random.Random(20260502)
+    seen = {first(ttl=ttl, interval=interval, rand=0.0, issued_ago=issued_ago)}
+    for _ in range(2000):
+        seen.add(first(ttl=ttl, interval=interval, rand=rng.random(), issued_ago=issued_ago))
+    if base > earliest:
+        assert min(seen) == earliest
+        assert earliest < max(seen) <= base <= deadline
+        assert first(ttl=ttl, interval=interval, rand=0.5, issued_ago=issued_ago) == (
+            earliest + (base - earliest) / 2
+        )
+        assert len(seen) > 1000
+    else:
+        assert seen == {earliest}
+
+
+def test_first_renewal_with_tbot_defaults_lands_anywhere_in_the_interval() -> None:
+    assert first(ttl=60 * MIN, interval=20 * MIN, rand=0.0) == NOW + MIN_SPACING
+    latest = first(ttl=60 * MIN, interval=20 * MIN, rand=ALMOST_ONE)
+    assert NOW + 20 * MIN - SEC < latest < NOW + 20 * MIN
+
+
+@pytest.mark.parametrize("rand", [-0.01, 1.0, float("nan")])
+def test_first_renewal_rejects_a_draw_outside_zero_one(rand: float) -> None:
+    with pytest.raises(ValueError, match="rand"):
+        first(ttl=60 * MIN, interval=20 * MIN, rand=rand)
+
+
+def _phase_peak_to_mean(times: list[datetime], interval: timedelta, buckets: int) -> float:
+    """Busiest / mean bucket of the times' phases within ``interval``: 1.0 is perfectly flat."""
+    width = interval / buckets
+    counts = [0] * buckets
+    for t in times:
+        counts[int(((t - NOW) % interval) / width)] += 1
+    return max(counts) / (len(times) / buckets)
+
+
+def test_a_fleet_restarted_at_once_renews_evenly_from_the_first_cycle_on() -> None:
+    """10,000 daemons restarted within one minute: flat load from the next cycle, and it stays."""
+    rng = random.Random(11)
+    ttl, interval = 60 * MIN, 20 * MIN
+    starts = [NOW + MIN * rng.random() for _ in range(10_000)]
+    spread = [
+        first_renewal(
+            now=t, not_before=t, not_after=t + ttl, renewal_interval=interval, rand=rng.random()
+        )
+        for t in starts
+    ]
+    herd = [
+        next_renewal(
+            now=t,
+            not_before=t,
+            not_after=t + ttl,
+            renewal_interval=interval,
+            jitter=rng.uniform(-1, 1),
+        )
+        for t in starts
+    ]
+    assert _phase_peak_to_mean(herd, interval, 20) > 4  # +-10 % alone: still a herd
+    assert _phase_peak_to_mean(spread, interval, 20) < 1.15
+    later = spread
+    for _ in range(3):  # and the +-10 % jitter of the renewals after it keeps it flat
+        later = [
+            next_renewal(
+                now=t, not_before=t, not_after=t + ttl, renewal_interval=interval,
+                jitter=rng.uniform(-1, 1),
+            )
+            for t in later
+        ]  # fmt: skip
+    assert _phase_peak_to_mean(later, interval, 20) < 1.15
 
 
 # -- Backoff ----------------------------------------------------------------------------------
