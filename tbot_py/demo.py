@@ -23,6 +23,7 @@ from pathlib import Path
 from tbot_py.bot.oneshot import OneshotResult, run_oneshot
 from tbot_py.cli.main import setup_logging
 from tbot_py.config.loader import load_config_text
+from tbot_py.identity.model import Identity
 
 CONFIG_TEMPLATE = """\
 version: v2
@@ -60,6 +61,7 @@ def _run_tool(argv: list[str]) -> str:
 def _summary(result: OneshotResult, out: Path, elapsed: float) -> str:
     output = result.outputs[0]
     identity = output.identity
+    assert isinstance(identity, Identity)  # the demo runs one identity output
     lines = [
         "",
         f"One-shot run finished in {elapsed:.2f}s. Files in {out}/:",

@@ -1,4 +1,4 @@
-"""Admin operations on a cluster's state: roles, bots, bot instances, join tokens and locks.
+"""Admin operations on a cluster's state: roles, workload identities, bots, tokens and locks.
 
 The admin commands call them on the data directory directly (the server need
 not run); the server's admin API (:mod:`.admin_api`) calls the same functions. A join
@@ -20,6 +20,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tbot_py.authservice import audit, ca, locks
 from tbot_py.authservice.bots_store import BotRecord, BotSummary
 from tbot_py.authservice.cluster import Cluster
@@ -28,6 +30,11 @@ from tbot_py.authservice.instances_store import BotInstanceRecord
 from tbot_py.authservice.locks import Lock
 from tbot_py.authservice.roles import NAME_RE, Role, parse_role_yaml
 from tbot_py.authservice.tokens_store import JOIN_METHOD_TOKEN, TokenRecord
+from tbot_py.authservice.workload_identities import (
+    KIND_WORKLOAD_IDENTITY,
+    WorkloadIdentity,
+    parse_workload_identity_yaml,
+)
 from tbot_py.client.wire import format_time
 from tbot_py.config._checks import read_text_file
 from tbot_py.config.duration import InvalidDurationError, parse_duration
@@ -43,6 +50,7 @@ _TOKEN_ID_RE = re.compile(r"^[0-9a-f]{4,64}$")
 _INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 # What ``auth get`` and ``auth rm`` accept: ``role/NAME``, or ``roles`` for all of them.
 _ROLE_KINDS = ("role", "roles")
+_WORKLOAD_IDENTITY_KINDS = (KIND_WORKLOAD_IDENTITY, "workload_identities")
 
 
 @dataclass(frozen=True)
@@ -334,6 +342,59 @@ def delete_role(cluster: Cluster, name: str) -> None:
     audit.emit(cluster, "admin.role.rm", resource=f"role/{name}")
 
 
+def read_resource_file(path: Path) -> Role | WorkloadIdentity:
+    """Read a role or workload_identity YAML file, by its ``kind``. Raises ConfigError etc."""
+    text, problem = read_text_file(path)
+    if text is None:
+        raise BadParameter(f"resource file {path} {problem}")
+    if resource_kind(text) == KIND_WORKLOAD_IDENTITY:
+        return parse_workload_identity_yaml(text, source=str(path))
+    return parse_role_yaml(text, source=str(path))
+
+
+def resource_kind(text: str) -> str | None:
+    """The top-level ``kind`` of a YAML document, or None; the parsers report any error."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return None
+    kind = data.get("kind") if isinstance(data, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def create_workload_identity(
+    cluster: Cluster, resource: WorkloadIdentity, *, force: bool = False
+) -> bool:
+    """Store ``resource``; True when it replaced one (only with ``force``)."""
+    now = datetime.now(UTC)
+    try:
+        replaced = cluster.storage.workload_identities.put(resource, now, overwrite=force)
+    except AlreadyExists as exc:
+        raise AlreadyExists(f"{exc.message}; use --force to replace it") from None
+    event = "admin.workload_identity.update" if replaced else "admin.workload_identity.create"
+    audit.emit(cluster, event, resource=f"workload_identity/{resource.name}", now=now)
+    return replaced
+
+
+def get_workload_identity(cluster: Cluster, name: str) -> WorkloadIdentity:
+    """The workload identity called ``name``; NotFound when there is none."""
+    resource = cluster.storage.workload_identities.get(name)
+    if resource is None:
+        raise NotFound(f'workload identity "{name}" not found')
+    return resource
+
+
+def list_workload_identities(cluster: Cluster) -> list[WorkloadIdentity]:
+    """Every workload identity, by name."""
+    return cluster.storage.workload_identities.list_all()
+
+
+def delete_workload_identity(cluster: Cluster, name: str) -> None:
+    """Delete a workload identity; NotFound when there is none."""
+    cluster.storage.workload_identities.delete(name)
+    audit.emit(cluster, "admin.workload_identity.rm", resource=f"workload_identity/{name}")
+
+
 def add_lock(
     cluster: Cluster,
     *,
@@ -412,11 +473,17 @@ def render_admin_identity(
 
 
 def parse_resource_ref(text: str) -> tuple[str, str | None]:
-    """``role/NAME`` as ``("role", NAME)``; ``roles`` (or ``role``) as ``("role", None)``."""
+    """``role/NAME`` as ``("role", NAME)``; ``roles`` (or ``role``) as ``("role", None)``.
+
+    Likewise ``workload_identity/NAME`` and ``workload_identities``.
+    """
     kind, slash, name = text.partition("/")
-    if kind not in _ROLE_KINDS or (slash and not name):
-        raise BadParameter(f"unsupported resource {text[:80]!r}: use role/NAME or roles")
-    return "role", name or None
+    if (slash and not name) or kind not in (*_ROLE_KINDS, *_WORKLOAD_IDENTITY_KINDS):
+        raise BadParameter(
+            f"unsupported resource {text[:80]!r}: use role/NAME, roles, "
+            "workload_identity/NAME or workload_identities"
+        )
+    return ("role" if kind in _ROLE_KINDS else KIND_WORKLOAD_IDENTITY), name or None
 
 
 def _lock_target(bot: str | None, instance: str | None) -> tuple[str, str]:

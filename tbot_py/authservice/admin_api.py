@@ -22,6 +22,7 @@ from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AccessDenied, BadParameter
 from tbot_py.authservice.mtls import check_admin_certificate
 from tbot_py.authservice.roles import parse_role_yaml
+from tbot_py.authservice.workload_identities import parse_workload_identity_yaml
 from tbot_py.errors import ConfigError
 
 PREFIX = "/v1/admin"
@@ -198,6 +199,38 @@ class AdminAPI:
         await self._run(request, lambda: admin.delete_role(self.cluster, name))
         return web.json_response({"name": name})
 
+    async def create_workload_identity(self, request: web.Request) -> web.Response:
+        """``POST workload_identities`` {yaml, force}: {name, replaced}."""
+        body = await self._body(request)
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise BadParameter("force must be true or false")
+        try:
+            resource = parse_workload_identity_yaml(_text(body, "yaml"), source="<request>")
+        except ConfigError as exc:
+            raise BadParameter(str(exc)) from None
+        replaced = await self._run(
+            request, lambda: admin.create_workload_identity(self.cluster, resource, force=force)
+        )
+        return web.json_response({"name": resource.name, "replaced": replaced})
+
+    async def list_workload_identities(self, request: web.Request) -> web.Response:
+        """``GET workload_identities``: as ``get workload_identities --format json``."""
+        found = await self._run(request, lambda: admin.list_workload_identities(self.cluster))
+        return web.json_response([resource.to_json() for resource in found])
+
+    async def get_workload_identity(self, request: web.Request) -> web.Response:
+        """``GET workload_identities/{name}``: {workload_identity: JSON form, yaml: YAML form}."""
+        name = request.match_info["name"]
+        found = await self._run(request, lambda: admin.get_workload_identity(self.cluster, name))
+        return web.json_response({"workload_identity": found.to_json(), "yaml": found.to_yaml()})
+
+    async def delete_workload_identity(self, request: web.Request) -> web.Response:
+        """``DELETE workload_identities/{name}``."""
+        name = request.match_info["name"]
+        await self._run(request, lambda: admin.delete_workload_identity(self.cluster, name))
+        return web.json_response({"name": name})
+
 
 def add_admin_routes(app: web.Application, api: AdminAPI) -> None:
     """Register the ``/v1/admin/`` endpoints on ``app``."""
@@ -217,6 +250,10 @@ def add_admin_routes(app: web.Application, api: AdminAPI) -> None:
     router.add_get(f"{PREFIX}/roles", api.list_roles)
     router.add_get(f"{PREFIX}/roles/{{name}}", api.get_role)
     router.add_delete(f"{PREFIX}/roles/{{name}}", api.delete_role)
+    router.add_post(f"{PREFIX}/workload_identities", api.create_workload_identity)
+    router.add_get(f"{PREFIX}/workload_identities", api.list_workload_identities)
+    router.add_get(f"{PREFIX}/workload_identities/{{name}}", api.get_workload_identity)
+    router.add_delete(f"{PREFIX}/workload_identities/{{name}}", api.delete_workload_identity)
 
 
 def _optional_text(body: dict[str, Any], key: str) -> str | None:

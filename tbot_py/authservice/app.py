@@ -9,6 +9,10 @@ Endpoints (shapes in :mod:`tbot_py.client.wire`):
 * ``POST /v1/bot/renew``, ``POST /v1/bot/certs``, ``GET /v1/bot/cas``: mTLS with
   the bot's own (renewable, not impersonated) certificate.
 * ``/v1/admin/...``: the admin commands, mTLS with an admin certificate (:mod:`.admin_api`).
+* ``GET /.well-known/openid-configuration`` and ``GET /.well-known/jwks.json``:
+  unauthenticated, what a third party needs to verify JWT-SVIDs (:mod:`.workload`).
+* ``POST /v1/bot/workload-identity/{x509,jwt}``: SVIDs for a ``workload_identity``
+  the bot's roles allow (mTLS with the bot's own certificate).
 
 Every authenticated call is refused with 403 while a lock is in force on the
 bot or the instance, and a renewal that presents the wrong generation locks
@@ -30,14 +34,15 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from aiohttp import web
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import tbot_py
-from tbot_py.authservice import _sql, audit, ca, rbac
+from tbot_py.authservice import _sql, audit, ca, rbac, workload
 from tbot_py.authservice.admin_api import AdminAPI, add_admin_routes
 from tbot_py.authservice.bots_store import BotRecord, get_bot
 from tbot_py.authservice.cluster import Cluster
@@ -54,6 +59,10 @@ from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
 from tbot_py.authservice.roles import Role
 from tbot_py.authservice.roles_store import get_roles, role_not_found
 from tbot_py.authservice.tokens_store import TOKEN_NOT_VALID
+from tbot_py.authservice.workload_identities import (
+    choose_workload_identity,
+    list_workload_identities,
+)
 from tbot_py.client import wire
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
@@ -332,6 +341,39 @@ class AuthAPI:
             fields["expires"] = wire.format_time(expires)
         return web.json_response(certs.to_json())
 
+    async def host_cert(self, request: web.Request) -> web.Response:
+        """``POST /v1/bot/hostcert``: an SSH host certificate signed by the host CA.
+
+        Granted by a role of the bot with ``allow.rules: [{resources: [host_cert],
+        verbs: [create]}]`` and no matching ``deny.rules``; denied by default.
+        """
+        with self._audit("bot.host_cert", request) as fields:
+            now = self.clock()
+            caller = self._caller(request, now, fields)
+            req = wire.HostCertRequest.from_json(await _read_json(request))
+            fields["resource"] = "host_cert"
+            fields["principals"] = ",".join(p[:64] for p in req.principals)[:512]
+            bot, stored = await self._admit(caller, now, with_roles=True)
+            granted = _granted(bot, bot.roles, stored, required=False)
+            decision = rbac.check_rule(granted, "host_cert", "create")
+            if not decision.allowed:
+                raise AccessDenied(f'bot "{bot.name}" may not create host certificates')
+            not_after = caller.not_after
+            ttl_limit = rbac.session_ttl_limit(granted)
+            if ttl_limit is not None:
+                not_after = min(not_after, now + ttl_limit)
+            expires = ca.grant_expiry(req.expires, now, not_after=not_after)
+            cert = ca.issue_ssh_host_certificate(
+                self.cluster.cas,
+                req.public_ssh_key,
+                key_id=req.principals[0],
+                principals=req.principals,
+                expires=expires,
+                now=now,
+            )
+            fields["expires"] = wire.format_time(expires)
+        return web.json_response(wire.HostCertResponse(ssh_cert=cert).to_json())
+
     async def cas(self, request: web.Request) -> web.Response:
         """``GET /v1/bot/cas``: the cluster's host, user and database CAs."""
         with self._audit("bot.cas", request) as fields:
@@ -356,6 +398,93 @@ class AuthAPI:
             wire.CertAuthority("db", name, tls_certs=(cas.db.cert_pem,)),
         ]
         return web.json_response(wire.cert_authorities_to_json(authorities))
+
+    # -- OpenID discovery (unauthenticated): how a third party verifies JWT-SVIDs --------
+
+    @property
+    def issuer(self) -> str:
+        """The ``iss`` of every JWT-SVID: the service's public address over HTTPS."""
+        return f"https://{self.public_addr}"
+
+    async def openid_configuration(self, request: web.Request) -> web.Response:
+        """``GET /.well-known/openid-configuration``: the issuer and where its JWKS is."""
+        return web.json_response(workload.openid_configuration(self.issuer))
+
+    async def jwks(self, request: web.Request) -> web.Response:
+        """``GET /.well-known/jwks.json``: the public keys that sign JWT-SVIDs."""
+        return web.json_response(self.cluster.workload.jwks)
+
+    # -- workload identity SVIDs (mTLS, bot identity) -------------------------------------
+
+    async def x509_svid(self, request: web.Request) -> web.Response:
+        """``POST /v1/bot/workload-identity/x509``: an X.509 SVID and the SPIFFE trust bundle."""
+        with self._audit("bot.workload_identity.x509", request) as fields:
+            now = self.clock()
+            caller = self._caller(request, now, fields)
+            req = wire.X509SVIDRequest.from_json(await _read_json(request))
+            try:
+                public_key = keys.load_public_key_pem(req.public_key)
+            except IdentityError:
+                raise BadParameter("public_key is not a PEM ECDSA public key") from None
+            chosen, expires = await self._svid_grant(caller, now, req.selector, req.expires, fields)
+            svid_id = workload.spiffe_id(self.cluster.name, chosen)
+            fields.update(spiffe_id=svid_id, expires=wire.format_time(expires))
+            cert = workload.issue_x509_svid(
+                self.cluster.workload, public_key, svid_id=svid_id, now=now, not_after=expires
+            )
+        answer = wire.X509SVIDResponse(
+            spiffe_id=svid_id,
+            svid=cert.public_bytes(serialization.Encoding.PEM),
+            bundle=self.cluster.workload.spiffe.cert_pem,
+        )
+        return web.json_response(answer.to_json())
+
+    async def jwt_svid(self, request: web.Request) -> web.Response:
+        """``POST /v1/bot/workload-identity/jwt``: a JWT-SVID for the requested audiences."""
+        with self._audit("bot.workload_identity.jwt", request) as fields:
+            now = self.clock()
+            caller = self._caller(request, now, fields)
+            req = wire.JWTSVIDRequest.from_json(await _read_json(request))
+            chosen, expires = await self._svid_grant(caller, now, req.selector, req.expires, fields)
+            svid_id = workload.spiffe_id(self.cluster.name, chosen)
+            fields.update(
+                spiffe_id=svid_id,
+                audiences=",".join(req.audiences)[:256],
+                expires=wire.format_time(expires),
+            )
+            token = workload.issue_jwt_svid(
+                self.cluster.workload,
+                issuer=self.issuer,
+                svid_id=svid_id,
+                audiences=req.audiences,
+                now=now,
+                expires=expires,
+            )
+        return web.json_response(wire.JWTSVIDResponse(spiffe_id=svid_id, jwt=token).to_json())
+
+    async def _svid_grant(
+        self,
+        caller: BotCaller,
+        now: datetime,
+        selector: wire.WorkloadIdentitySelector,
+        requested: datetime | None,
+        fields: dict[str, Any],
+    ) -> tuple[str, datetime]:
+        """The SPIFFE ID path the bot may have and the SVID's expiry; denied otherwise.
+
+        The SVID lives at most :data:`workload.MAX_SVID_TTL_S` and never past the
+        bot's own certificate.
+        """
+        bot, stored = await self._admit(caller, now, with_roles=True)
+        granted = _granted(bot, bot.roles, stored, required=False)
+        available = await self._read(list_workload_identities)
+        chosen = choose_workload_identity(
+            available, granted, bot_name=bot.name, name=selector.name, labels=selector.labels
+        )
+        fields["resource"] = f"workload_identity/{chosen.name}"
+        not_after = min(caller.not_after, now + timedelta(seconds=workload.MAX_SVID_TTL_S))
+        expires = ca.grant_expiry(requested, now, not_after=not_after)
+        return chosen.spiffe_path(bot.name), expires
 
     def _caller(self, request: web.Request, now: datetime, fields: dict[str, Any]) -> BotCaller:
         ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
@@ -480,6 +609,11 @@ def create_app(
     app.router.add_post(wire.PATH_RENEW, api.renew)
     app.router.add_post(wire.PATH_CERTS, api.certs)
     app.router.add_get(wire.PATH_CAS, api.cas)
+    app.router.add_get(wire.PATH_OPENID_CONFIGURATION, api.openid_configuration)
+    app.router.add_get(wire.PATH_JWKS, api.jwks)
+    app.router.add_post(wire.PATH_X509_SVID, api.x509_svid)
+    app.router.add_post(wire.PATH_JWT_SVID, api.jwt_svid)
+    app.router.add_post(wire.PATH_HOST_CERT, api.host_cert)
     add_admin_routes(app, AdminAPI(cluster, clock, _read_json))
     return app
 

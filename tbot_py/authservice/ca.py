@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,10 @@ from datetime import datetime, timedelta
 from functools import cached_property
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.serialization import ssh
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tbot_py.authservice import _sshcert, _x509leaf
@@ -161,13 +165,15 @@ def bot_username(bot_name: str) -> str:
 
 def create_authority(ca_type: str, cluster_name: str, now: datetime) -> Authority:
     """A fresh self-signed CA of ``ca_type`` for ``cluster_name``, valid for ten years."""
-    if ca_type not in CA_TYPES:
+    if ca_type not in (*CA_TYPES, "spiffe"):
         raise ValueError(f"unknown CA type {ca_type!r}")
     key = keys.generate_private_key()
     # The issuer O of every leaf is the cluster name; clients derive the cluster from it.
+    # The SPIFFE CA gets its own CN so that no chain builder mistakes it for the user CA.
+    common_name = f"{cluster_name} SPIFFE CA" if ca_type == "spiffe" else cluster_name
     name = x509.Name(
         [
-            x509.NameAttribute(NameOID.COMMON_NAME, cluster_name),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, cluster_name),
         ]
     )
@@ -196,9 +202,12 @@ def create_authority(ca_type: str, cluster_name: str, now: datetime) -> Authorit
             critical=True,
         )
         .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
     )
-    return Authority(type=ca_type, key=key, cert=cert)
+    if ca_type == "spiffe":
+        # The SPIFFE CA names its trust domain (the cluster), as Teleport's does.
+        trust_domain = x509.UniformResourceIdentifier(f"spiffe://{cluster_name}")
+        cert = cert.add_extension(x509.SubjectAlternativeName([trust_domain]), critical=False)
+    return Authority(type=ca_type, key=key, cert=cert.sign(key, hashes.SHA256()))
 
 
 def create_cluster_cas(cluster_name: str, now: datetime) -> ClusterCAs:
@@ -401,6 +410,51 @@ def _sign_ssh_user_cert(
     return line + b"\n"
 
 
+#: A host certificate principal: a host name, address or alias, as clients dial it.
+_HOST_PRINCIPAL_RE = re.compile(r"[!-+\--~]{1,253}")
+MAX_HOST_PRINCIPALS = 64
+
+
+def issue_ssh_host_certificate(
+    cas: ClusterCAs,
+    public_ssh_key: bytes,
+    *,
+    key_id: str,
+    principals: Sequence[str],
+    expires: datetime,
+    now: datetime,
+) -> bytes:
+    """An SSH host certificate for an authorized_keys line, signed by the host CA.
+
+    Valid for exactly ``principals`` (the names clients dial), backdated by the clock
+    skew, no extensions (host certificates carry none). BadParameter for a bad key.
+    """
+    if len(principals) > MAX_HOST_PRINCIPALS:
+        raise BadParameter(f"at most {MAX_HOST_PRINCIPALS} principals per host certificate")
+    for principal in principals:
+        if not _HOST_PRINCIPAL_RE.fullmatch(principal):
+            raise BadParameter(
+                "a host principal must be 1-253 printable characters without spaces or commas"
+            )
+    try:
+        public_key = serialization.load_ssh_public_key(public_ssh_key.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise BadParameter("public_ssh_key is not an authorized_keys line") from None
+    if not isinstance(public_key, (ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
+        raise BadParameter("public_ssh_key must be an ECDSA or Ed25519 key")
+    builder = (
+        ssh.SSHCertificateBuilder()
+        .public_key(public_key)
+        .serial(secrets.randbits(64))
+        .type(ssh.SSHCertificateType.HOST)
+        .key_id(key_id.encode())
+        .valid_principals([p.encode() for p in principals])
+        .valid_after(int((now - CLOCK_SKEW).timestamp()))
+        .valid_before(int(expires.timestamp()))
+    )
+    return builder.sign(cas.host.key).public_bytes() + b"\n"
+
+
 def issue_server_certificate(
     cas: ClusterCAs,
     public_key: keys.PublicKey,
@@ -473,6 +527,10 @@ def _sign_leaf(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(list(sans)), critical=False)
     return builder.sign(ca.key, hashes.SHA256())
+
+
+#: Signs a leaf with any authority; the SPIFFE CA (:mod:`.workload`) issues X.509 SVIDs with it.
+sign_leaf = _sign_leaf
 
 
 EXPORT_TYPES = ("", "user", "host", "tls", "tls-host", "tls-user", "db")

@@ -6,6 +6,8 @@ Layout with the default SQLite storage (directory 0700, every file 0600)::
     DIR/state.db (+ -wal, -shm)   SQLite state, including the cluster name
     DIR/{user,host,db}_ca.key     CA private keys, PKCS#8 PEM
     DIR/{user,host,db}_ca.crt     CA certificates, PEM
+    DIR/spiffe_ca.{key,crt}       SPIFFE CA (workload identity), created on first start
+    DIR/jwt.key                   JWT-SVID signing key, PKCS#8 PEM, created on first start
     DIR/server.key                HTTPS server key, new on every start
     DIR/server.crt                HTTPS server certificate + host CA certificate
 
@@ -42,6 +44,7 @@ from tbot_py.authservice.ca import (
 from tbot_py.authservice.ca_store import META_CLUSTER_NAME
 from tbot_py.authservice.errors import AuthServiceError, BadParameter, ClusterNotInitialized
 from tbot_py.authservice.storage import Storage, is_postgres_url
+from tbot_py.authservice.workload import SPIFFE_CA_TYPE, WorkloadKeys, create_workload_keys
 from tbot_py.destinations.fs import write_file_atomic
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
@@ -51,6 +54,7 @@ STATE_DB = "state.db"
 INIT_LOCK = "init.lock"
 SERVER_KEY = "server.key"
 SERVER_CERT = "server.crt"
+JWT_KEY = "jwt.key"
 
 # A DNS-like name: it appears in host CA export lines and in certificate subjects.
 _CLUSTER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
@@ -68,6 +72,7 @@ class Cluster:
     name: str
     cas: ClusterCAs
     storage: Storage
+    workload: WorkloadKeys
 
     @property
     def ca_pin(self) -> str:
@@ -128,7 +133,10 @@ def open_cluster(
         else:
             _check_cluster_name(str(data_dir), existing, cluster_name)
             cas = _load_cas(data_dir, existing)
-    return Cluster(data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=state)
+        workload = _load_or_create_workload(data_dir, cas.cluster_name, now or datetime.now(UTC))
+    return Cluster(
+        data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=state, workload=workload
+    )
 
 
 def _open_shared_cluster(
@@ -156,8 +164,13 @@ def _open_shared_cluster(
             f"no cluster in {state.backend.location}; create one with 'tbot-py auth start'"
         )
     _check_cluster_name(state.backend.location, cas.cluster_name, cluster_name)
+    workload = state.cert_authorities.load_or_create_workload(
+        lambda: create_workload_keys(cas.cluster_name, now or datetime.now(UTC))
+    )
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return Cluster(data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=state)
+    return Cluster(
+        data_dir=data_dir, name=cas.cluster_name, cas=cas, storage=state, workload=workload
+    )
 
 
 def _check_cluster_name(where: str, existing: str, wanted: str | None) -> None:
@@ -246,6 +259,34 @@ def _load_cas(data_dir: Path, name: str) -> ClusterCAs:
         host=authorities["host"],
         db=authorities["db"],
     )
+
+
+def _load_or_create_workload(data_dir: Path, trust_domain: str, now: datetime) -> WorkloadKeys:
+    """The SPIFFE CA and JWT key files; made on the first start, also of an older directory.
+
+    Called with the init lock held. The JWT key is written last: with it present, the
+    SPIFFE CA is too.
+    """
+    spiffe_key, spiffe_cert = ca_key_path(data_dir, "spiffe"), ca_cert_path(data_dir, "spiffe")
+    jwt_path = data_dir / JWT_KEY
+    if not jwt_path.exists():
+        workload = create_workload_keys(trust_domain, now)
+        write_private_file(spiffe_key, workload.spiffe.key_pem)
+        write_private_file(spiffe_cert, workload.spiffe.cert_pem)
+        write_private_file(jwt_path, keys.private_key_pem(workload.signing_key))
+        return workload
+    try:
+        spiffe = Authority.from_pem(
+            SPIFFE_CA_TYPE, spiffe_key.read_bytes(), spiffe_cert.read_bytes()
+        )
+        jwt_key = keys.load_private_key_pem(jwt_path.read_bytes())
+    except (OSError, ValueError, IdentityError) as exc:
+        # None of these messages carries key material.
+        raise DataDirError(
+            f"cannot load the SPIFFE CA or JWT key from {data_dir}: {exc}; "
+            "restore the data directory from a backup"
+        ) from None
+    return WorkloadKeys(trust_domain=trust_domain, spiffe=spiffe, jwt_keys=(jwt_key,))
 
 
 def _not_initialized(data_dir: Path) -> str:

@@ -1,7 +1,8 @@
 """Role-based access decisions: pure functions over :class:`~.roles.Role` values.
 
-Apps and MCP tools (:func:`check_app_access`), and what a certificate for a set of
-roles may carry (:func:`certificate_logins`, :func:`session_ttl_limit`).
+Apps and MCP tools (:func:`check_app_access`), workload identities
+(:func:`check_workload_identity_access`, ``workload_identity_labels``), and what a
+certificate for a set of roles may carry (:func:`certificate_logins`, :func:`session_ttl_limit`).
 
 Semantics, deny wins:
 
@@ -89,9 +90,42 @@ def certificate_logins(roles: Sequence[Role], traits: Traits) -> tuple[str, ...]
     return tuple(dict.fromkeys(login for login in allowed if login not in denied))
 
 
+def check_rule(roles: Sequence[Role], resource: str, verb: str) -> AccessDecision:
+    """May a holder of ``roles`` do ``verb`` on ``resource``? A ``deny.rules`` match wins."""
+    for role in roles:
+        if any(rule.matches(resource, verb) for rule in role.spec.deny.rules):
+            return AccessDecision(False, f'denied by role "{role.name}": rules {resource}/{verb}')
+    for role in roles:
+        if any(rule.matches(resource, verb) for rule in role.spec.allow.rules):
+            return AccessDecision(True, f'allowed by role "{role.name}": rules {resource}/{verb}')
+    return AccessDecision(False, f"no role allows {verb} on {resource}")
+
+
 def session_ttl_limit(roles: Sequence[Role]) -> timedelta | None:
     """The shortest ``max_session_ttl`` of ``roles``; None for no roles."""
     return min((role.max_session_ttl for role in roles), default=None)
+
+
+def check_workload_identity_access(
+    roles: Sequence[Role], name: str, labels: Mapping[str, str]
+) -> AccessDecision:
+    """May a holder of ``roles`` get SVIDs of workload identity ``name``?
+
+    ``workload_identity_labels`` decides, deny first, exactly as ``app_labels`` does for apps.
+    """
+    for role in roles:
+        rules = _matched_rules(role.spec.deny.workload_identity_labels, labels)
+        if rules is not None:
+            return AccessDecision(
+                False, f'denied by role "{role.name}": workload_identity_labels {rules}'
+            )
+    for role in roles:
+        rules = _matched_rules(role.spec.allow.workload_identity_labels, labels)
+        if rules is not None:
+            return AccessDecision(
+                True, f'allowed by role "{role.name}": workload_identity_labels {rules}'
+            )
+    return AccessDecision(False, f'no role allows workload identity "{name}"')
 
 
 def _matched_rules(

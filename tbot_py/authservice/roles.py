@@ -12,6 +12,7 @@ would be silently ignored never looks like it is in force::
       allow:
         logins: ['{{internal.logins}}', ubuntu]
         app_labels: {env: dev}
+        workload_identity_labels: {team: payments}
         mcp: {tools: ['^(get|query|list|search|find)_.*$']}
         impersonate: {roles: [a, b]}
       deny: {}
@@ -213,6 +214,40 @@ class ImpersonateRule(_Strict):
     roles: tuple[RoleName, ...] = ()
 
 
+#: Resources and verbs a ``rules`` entry may name (Teleport's names; ``*`` is any).
+RULE_RESOURCES = frozenset({"host_cert", WILDCARD})
+RULE_VERBS = frozenset({"create", WILDCARD})
+
+
+def _check_rule_names(kind: str, known: frozenset[str]) -> Any:
+    def check(values: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise config_problem(
+                f'unknown {kind} "{unknown[0][:64]}" (known: {", ".join(sorted(known))})'
+            )
+        if not values:
+            raise config_problem(f"a rule needs at least one {kind}")
+        return values
+
+    return check
+
+
+class ResourceRule(_Strict):
+    """A ``rules`` entry: ``verbs`` on ``resources``; ``host_cert``/``create`` signs host certs."""
+
+    resources: Annotated[
+        tuple[str, ...], AfterValidator(_check_rule_names("resource", RULE_RESOURCES))
+    ]
+    verbs: Annotated[tuple[str, ...], AfterValidator(_check_rule_names("verb", RULE_VERBS))]
+
+    def matches(self, resource: str, verb: str) -> bool:
+        """Whether this rule covers ``verb`` on ``resource``."""
+        return (resource in self.resources or WILDCARD in self.resources) and (
+            verb in self.verbs or WILDCARD in self.verbs
+        )
+
+
 class RoleConditions(_Strict):
     """``spec.allow`` or ``spec.deny``."""
 
@@ -220,8 +255,11 @@ class RoleConditions(_Strict):
     app_labels: dict[str, LabelValues] = {}
     mcp: MCPRule = MCPRule()
     impersonate: ImpersonateRule = ImpersonateRule()
+    rules: tuple[ResourceRule, ...] = ()
+    #: Which workload_identity resources a bot may get SVIDs for (same rules as app_labels).
+    workload_identity_labels: dict[str, LabelValues] = {}
 
-    @field_validator("app_labels")
+    @field_validator("app_labels", "workload_identity_labels")
     @classmethod
     def _check_selector_keys(cls, selector: dict[str, LabelValues]) -> dict[str, LabelValues]:
         problems: list[tuple[Loc, str]] = []

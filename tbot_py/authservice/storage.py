@@ -23,7 +23,8 @@ cluster metadata. Each table's queries live in their own module and are
 reached through a ``Storage`` attribute that shares its transactions:
 ``bots`` (:mod:`.bots_store`), ``tokens`` (:mod:`.tokens_store`),
 ``instances`` (:mod:`.instances_store`), ``roles`` (:mod:`.roles_store`),
-``locks`` (:mod:`.locks`) and ``cert_authorities`` (:mod:`.ca_store`).
+``locks`` (:mod:`.locks`), ``cert_authorities`` (:mod:`.ca_store`) and
+``workload_identities`` (:mod:`.workload_identities`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from tbot_py.authservice import _sql, locks
+from tbot_py.authservice import _sql, locks, workload_identities
 from tbot_py.authservice.bots_store import BotStore
 from tbot_py.authservice.ca_store import CAStore
 from tbot_py.authservice.errors import AuthServiceError, StorageBusy
@@ -46,7 +47,7 @@ from tbot_py.authservice.roles_store import RoleStore, seed_preset_roles
 from tbot_py.authservice.tokens_store import TokenStore
 
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 BUSY_TIMEOUT_MS = 5000
 
 T = TypeVar("T")
@@ -119,11 +120,15 @@ _SCHEMA_V4 = (
     "CREATE INDEX locks_target ON locks(target_kind, target)",
 )
 
+# v5: workload_identity resources (see workload_identities.py).
+_SCHEMA_V5 = (workload_identities.CREATE_TABLE,)
+
 _MIGRATIONS: dict[int, tuple[str | Callable[[_sql.Connection], None], ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
+    5: _SCHEMA_V5,
 }
 
 
@@ -258,6 +263,7 @@ class Storage:
         self.roles = RoleStore(self._transaction)
         self.locks = locks.LockStore(self._transaction)
         self.cert_authorities = CAStore(self._transaction)
+        self.workload_identities = workload_identities.WorkloadIdentityStore(self._transaction)
 
     @classmethod
     def open(cls, path: Path) -> Storage:

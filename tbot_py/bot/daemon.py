@@ -52,7 +52,7 @@ from tbot_py.config.schema import BotConfig
 from tbot_py.destinations import Destination
 from tbot_py.errors import Error
 from tbot_py.identity.model import Identity
-from tbot_py.services.base import BotContext, OutputService
+from tbot_py.services.base import BotContext, OutputService, Validity
 from tbot_py.services.hooks import Hook, run_hooks
 
 if TYPE_CHECKING:
@@ -303,6 +303,7 @@ class Daemon:
         started = time.monotonic()
         files: tuple[str, ...] = ()
         changed = False
+        identity: Validity
         try:
             if task.output is None:
                 identity = await self._renew_bot()
@@ -332,7 +333,7 @@ class Daemon:
             task.watched = watched
         self._files.expect_writes(task.name, written)
 
-    def _on_success(self, task: Task, identity: Identity, duration: float) -> None:
+    def _on_success(self, task: Task, identity: Validity, duration: float) -> None:
         now = self.clock()
         attempt = task.backoff.failures
         task.backoff = task.backoff.reset()

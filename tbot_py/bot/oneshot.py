@@ -22,7 +22,12 @@ from typing import TYPE_CHECKING
 from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
 from tbot_py.client import tls
 from tbot_py.client.http import AuthClient
-from tbot_py.config.schema import BotConfig, DirectoryDestination, IdentityServiceConfig
+from tbot_py.config.schema import (
+    BotConfig,
+    DirectoryDestination,
+    IdentityServiceConfig,
+    SSHHostServiceConfig,
+)
 from tbot_py.destinations import Destination
 from tbot_py.destinations import DirectoryDestination as DirectoryStore
 from tbot_py.destinations import MemoryDestination as MemoryStore
@@ -30,6 +35,7 @@ from tbot_py.errors import ConfigError, Error
 from tbot_py.identity.model import Identity
 from tbot_py.services.base import BotContext, GenerateResult, OutputService
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService
+from tbot_py.services.ssh_host import SSHHostOutputSettings, SSHHostService
 
 if TYPE_CHECKING:
     from tbot_py.destinations.acl import Reader
@@ -90,6 +96,12 @@ def build_services(config: BotConfig, addr: str) -> list[OutputService]:
                 ttl=ttl,
             )
             services.append(IdentityService(settings, build_destination(svc.destination), addr))
+        elif isinstance(svc, SSHHostServiceConfig):
+            ttl, _ = svc.effective_lifetime(config)
+            host_settings = SSHHostOutputSettings(
+                name=svc.name or "ssh_host", principals=tuple(svc.principals), ttl=ttl
+            )
+            services.append(SSHHostService(host_settings, build_destination(svc.destination)))
     return services
 
 

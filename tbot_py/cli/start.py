@@ -26,6 +26,7 @@ from tbot_py.config import (
     append_service,
     apply_overrides,
     identity_service_from_flags,
+    ssh_host_service_from_flags,
 )
 from tbot_py.errors import ConfigError
 
@@ -147,6 +148,26 @@ def _identity_options(func: F) -> F:
     return func
 
 
+def _ssh_host_options(func: F) -> F:
+    """The flags of the ``ssh_host`` output."""
+    options = [
+        click.option(
+            "--destination",
+            required=True,
+            help="Where to write: a directory path, file:///path or memory://.",
+        ),
+        click.option(
+            "--principals",
+            required=True,
+            help="Comma-separated host names and addresses the certificate is valid for.",
+        ),
+        click.option("--name", help="Service name (default ssh_host-N)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 def _build_config(params: dict[str, Any], *, load_file: bool) -> BotConfig:
     """The config file (if any) with the flags applied, validated."""
     base = None
@@ -181,6 +202,14 @@ def _with_identity_service(config: BotConfig, params: dict[str, Any]) -> BotConf
         allow_reissue=bool(params.get("allow_reissue")),
         ssh_config=params.get("ssh_config") or "on",
         name=params.get("name"),
+    )
+    return append_service(config, service)
+
+
+def _with_ssh_host_service(config: BotConfig, params: dict[str, Any]) -> BotConfig:
+    principals = [p.strip() for p in str(params.get("principals") or "").split(",") if p.strip()]
+    service = ssh_host_service_from_flags(
+        params["destination"], principals=principals, name=params.get("name")
     )
     return append_service(config, service)
 
@@ -309,6 +338,24 @@ for _alias in ("identity", "ssh", "id"):
     start.add_command(start_identity, _alias)
 
 
+@click.command("ssh-host")
+@_config_options
+@_ssh_host_options
+def start_ssh_host(**params: Any) -> None:
+    """Start with an ssh_host output: a host key and certificate for an OpenSSH server."""
+    _setup_logging(params)
+
+    def build() -> BotConfig:
+        return _with_ssh_host_service(_build_config(params, load_file=True), params)
+
+    reload = build if params.get("config_path") else None
+    watch = params["config_path"] if params.get("watch_config") and reload else None
+    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
+
+
+start.add_command(start_ssh_host)
+
+
 @click.group()
 def configure() -> None:
     """Print the config file equivalent to `start <type>` flags."""
@@ -330,7 +377,11 @@ def configure_identity(**params: Any) -> None:
         log.warning(
             "configure builds the config from flags only; ignoring -c %s", params["config_path"]
         )
-    config = _with_identity_service(_build_config(params, load_file=False), params)
+    _print_config(_with_identity_service(_build_config(params, load_file=False), params), params)
+
+
+def _print_config(config: BotConfig, params: dict[str, Any]) -> None:
+    """Render ``config`` as YAML to stdout or to ``--output``."""
     from tbot_py.config.render import render_config_yaml
 
     text = render_config_yaml(config)
@@ -347,3 +398,25 @@ def configure_identity(**params: Any) -> None:
 
 for _alias in ("identity", "ssh", "id"):
     configure.add_command(configure_identity, _alias)
+
+
+@click.command("ssh-host")
+@_config_options
+@_ssh_host_options
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the config to this file (mode 0600) instead of stdout.",
+)
+def configure_ssh_host(**params: Any) -> None:
+    """Print the YAML for an ssh_host output."""
+    _setup_logging(params)
+    if params.get("config_path"):
+        log.warning(
+            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
+        )
+    _print_config(_with_ssh_host_service(_build_config(params, load_file=False), params), params)
+
+
+configure.add_command(configure_ssh_host)

@@ -184,6 +184,14 @@ class AuthClient:
         certs: wire.Certs = self._decode(wire.PATH_CERTS, wire.Certs.from_json, doc)
         return certs
 
+    async def issue_host_cert(self, request: wire.HostCertRequest) -> wire.HostCertResponse:
+        """Sign an SSH host certificate with the cluster's host CA (mTLS, ``ssh_host`` output)."""
+        doc = await self._json("POST", wire.PATH_HOST_CERT, request.to_json())
+        answer: wire.HostCertResponse = self._decode(
+            wire.PATH_HOST_CERT, wire.HostCertResponse.from_json, doc
+        )
+        return answer
+
     async def cert_authorities(self) -> list[wire.CertAuthority]:
         """The cluster's host, user and database CAs (public parts only)."""
         doc = await self._json("GET", wire.PATH_CAS)
@@ -191,3 +199,19 @@ class AuthClient:
             wire.PATH_CAS, wire.cert_authorities_from_json, doc
         )
         return cas
+
+    async def issue_x509_svid(self, request: wire.X509SVIDRequest) -> wire.X509SVIDResponse:
+        """An X.509 SVID for a workload_identity the bot's roles allow, and the trust bundle."""
+        doc = await self._json("POST", wire.PATH_X509_SVID, request.to_json())
+        answer: wire.X509SVIDResponse = self._decode(
+            wire.PATH_X509_SVID, wire.X509SVIDResponse.from_json, doc
+        )
+        return answer
+
+    async def issue_jwt_svid(self, request: wire.JWTSVIDRequest) -> wire.JWTSVIDResponse:
+        """A JWT-SVID for a workload_identity the bot's roles allow, for ``audiences``."""
+        doc = await self._json("POST", wire.PATH_JWT_SVID, request.to_json())
+        answer: wire.JWTSVIDResponse = self._decode(
+            wire.PATH_JWT_SVID, wire.JWTSVIDResponse.from_json, doc
+        )
+        return answer

@@ -25,6 +25,7 @@ PATH_EXPORT = "/webapi/auth/export"
 PATH_RENEW = "/v1/bot/renew"
 PATH_CERTS = "/v1/bot/certs"
 PATH_CAS = "/v1/bot/cas"
+PATH_HOST_CERT = "/v1/bot/hostcert"
 
 ROLE_BOT = "Bot"
 SIGNATURE_SUITE = "balanced-v1"
@@ -235,6 +236,54 @@ class ImpersonateRequest:
 
 
 @dataclass(frozen=True)
+class HostCertRequest:
+    """``POST /v1/bot/hostcert``: an SSH host certificate for ``public_ssh_key`` (``ssh_host``)."""
+
+    public_ssh_key: bytes
+    principals: tuple[str, ...]
+    expires: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "public_ssh_key": b64encode(self.public_ssh_key),
+            "principals": list(self.principals),
+        }
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> HostCertRequest:
+        obj = _object(doc)
+        principals = obj.get("principals")
+        if (
+            not isinstance(principals, list)
+            or not principals
+            or not all(isinstance(p, str) and p for p in principals)
+        ):
+            raise WireError("principals must be a non-empty list of non-empty strings")
+        return cls(
+            public_ssh_key=b64decode(obj.get("public_ssh_key"), "public_ssh_key"),
+            principals=tuple(principals),
+            expires=_optional_expires(obj),
+        )
+
+
+@dataclass(frozen=True)
+class HostCertResponse:
+    """The answer to :class:`HostCertRequest`: one ``<type>-cert-v01@openssh.com`` line."""
+
+    ssh_cert: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ssh_cert": b64encode(self.ssh_cert)}
+
+    @classmethod
+    def from_json(cls, doc: object) -> HostCertResponse:
+        return cls(ssh_cert=b64decode(_object(doc).get("ssh_cert"), "ssh_cert"))
+
+
+@dataclass(frozen=True)
 class CertAuthority:
     """One CA as returned by ``GET /v1/bot/cas``: PEM certs and SSH public key lines."""
 
@@ -346,3 +395,143 @@ def error_message(doc: object) -> str | None:
         if isinstance(err, dict) and isinstance(err.get("message"), str):
             return str(err["message"])
     return None
+
+
+# --- workload identity: OpenID discovery (unauthenticated) ----------------------------------------
+
+#: The OpenID Provider metadata of the cluster as a JWT-SVID issuer.
+PATH_OPENID_CONFIGURATION = "/.well-known/openid-configuration"
+#: The JWKS holding the public keys that sign JWT-SVIDs.
+PATH_JWKS = "/.well-known/jwks.json"
+
+#: ``POST``: an X.509 SVID for one workload_identity resource (mTLS, bot identity).
+PATH_X509_SVID = "/v1/bot/workload-identity/x509"
+#: ``POST``: a JWT-SVID for one workload_identity resource (mTLS, bot identity).
+PATH_JWT_SVID = "/v1/bot/workload-identity/jwt"
+
+
+@dataclass(frozen=True)
+class WorkloadIdentitySelector:
+    """Which workload_identity resource: by ``name``, or the first by name whose labels match.
+
+    Exactly one of ``name`` and ``labels`` is set (tbot's ``selector``).
+    """
+
+    name: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        if self.name:
+            return {"selector": {"name": self.name}}
+        return {"selector": {"labels": dict(self.labels)}}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> WorkloadIdentitySelector:
+        selector = obj.get("selector")
+        if not isinstance(selector, dict):
+            raise WireError("selector must be a JSON object with name or labels")
+        name = _str(selector, "name", required=False)
+        labels = selector.get("labels") or {}
+        if not isinstance(labels, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise WireError("selector.labels must map strings to strings")
+        if bool(name) == bool(labels):
+            raise WireError("selector needs exactly one of name and labels")
+        return cls(name=name, labels=labels)
+
+
+@dataclass(frozen=True)
+class X509SVIDRequest:
+    """``POST /v1/bot/workload-identity/x509``: an X.509 SVID for ``public_key`` (PKIX PEM)."""
+
+    selector: WorkloadIdentitySelector
+    public_key: bytes
+    expires: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = self.selector.to_json() | {"public_key": self.public_key.decode()}
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> X509SVIDRequest:
+        obj = _object(doc)
+        return cls(
+            selector=WorkloadIdentitySelector.from_json(obj),
+            public_key=_str(obj, "public_key").encode(),
+            expires=_optional_expires(obj),
+        )
+
+
+@dataclass(frozen=True)
+class X509SVIDResponse:
+    """An X.509 SVID (PEM), its SPIFFE ID and the trust bundle (the SPIFFE CA, PEM)."""
+
+    spiffe_id: str
+    svid: bytes
+    bundle: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "spiffe_id": self.spiffe_id,
+            "svid": self.svid.decode(),
+            "bundle": self.bundle.decode(),
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> X509SVIDResponse:
+        obj = _object(doc)
+        return cls(
+            spiffe_id=_str(obj, "spiffe_id"),
+            svid=_str(obj, "svid").encode(),
+            bundle=_str(obj, "bundle").encode(),
+        )
+
+
+@dataclass(frozen=True)
+class JWTSVIDRequest:
+    """``POST /v1/bot/workload-identity/jwt``: a JWT-SVID for ``audiences``."""
+
+    selector: WorkloadIdentitySelector
+    audiences: tuple[str, ...]
+    expires: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = self.selector.to_json() | {"audiences": list(self.audiences)}
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> JWTSVIDRequest:
+        obj = _object(doc)
+        audiences = obj.get("audiences")
+        if (
+            not isinstance(audiences, list)
+            or not audiences
+            or not all(isinstance(a, str) and a for a in audiences)
+        ):
+            raise WireError("audiences must be a non-empty list of non-empty strings")
+        return cls(
+            selector=WorkloadIdentitySelector.from_json(obj),
+            audiences=tuple(audiences),
+            expires=_optional_expires(obj),
+        )
+
+
+@dataclass(frozen=True)
+class JWTSVIDResponse:
+    """A JWT-SVID (compact JWS) and its SPIFFE ID."""
+
+    spiffe_id: str
+    jwt: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"spiffe_id": self.spiffe_id, "jwt": self.jwt}
+
+    @classmethod
+    def from_json(cls, doc: object) -> JWTSVIDResponse:
+        obj = _object(doc)
+        return cls(spiffe_id=_str(obj, "spiffe_id"), jwt=_str(obj, "jwt"))

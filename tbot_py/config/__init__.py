@@ -14,6 +14,7 @@ from tbot_py.config.overrides import (
     append_service,
     apply_overrides,
     identity_service_from_flags,
+    ssh_host_service_from_flags,
 )
 from tbot_py.config.schema import (
     DEFAULT_CREDENTIAL_TTL,
@@ -26,6 +27,7 @@ from tbot_py.config.schema import (
     MemoryDestination,
     Onboarding,
     ServiceConfig,
+    SSHHostServiceConfig,
     default_storage,
 )
 from tbot_py.config.uri import destination_from_uri, destination_to_uri
@@ -60,6 +62,7 @@ __all__ = [
     "DirectoryDestination",
     "HookConfig",
     "IdentityServiceConfig",
+    "SSHHostServiceConfig",
     "InvalidDurationError",
     "MemoryDestination",
     "Onboarding",
@@ -71,6 +74,7 @@ __all__ = [
     "destination_to_uri",
     "format_duration",
     "identity_service_from_flags",
+    "ssh_host_service_from_flags",
     "load_config_file",
     "load_config_text",
     "parse_duration",

@@ -316,17 +316,20 @@ def _describe_value_error(error: Any) -> str:
 
 def _known_keys(parent: Loc, data: Any) -> list[str]:
     """The keys the model at ``parent`` accepts, for "did you mean" suggestions."""
-    model: type[BaseModel] | None = BotConfig
+    # The model is picked where its mapping is: a union in a list (services) by the item's type.
+    annotation: Any = BotConfig
     node = data
     for part in parent:
         if isinstance(part, int):
             node = node[part] if isinstance(node, list) and 0 <= part < len(node) else None
             continue
+        model = _model_for(annotation, node)
         field = model.model_fields.get(part) if model else None
         if field is None:
             return []
         node = node.get(part) if isinstance(node, dict) else None
-        model = _model_for(field.annotation, node)
+        annotation = field.annotation
+    model = _model_for(annotation, node)
     return list(model.model_fields) if model else []
 
 

@@ -25,7 +25,12 @@ from tbot_py.config._checks import (
 from tbot_py.config.duration import InvalidDurationError, format_duration, parse_duration
 from tbot_py.config.loader import config_error_from_validation, validate_config_data
 from tbot_py.config.render import config_to_data, service_to_data
-from tbot_py.config.schema import BotConfig, IdentityServiceConfig, ServiceConfig
+from tbot_py.config.schema import (
+    BotConfig,
+    IdentityServiceConfig,
+    ServiceConfig,
+    SSHHostServiceConfig,
+)
 from tbot_py.config.uri import destination_from_uri
 from tbot_py.errors import ConfigError
 
@@ -37,6 +42,7 @@ _SERVICE_FLAGS: dict[str, str] = {
     "roles": "--roles",
     "allow_reissue": "--allow-reissue",
     "ssh_config": "--ssh-config",
+    "principals": "--principals",
 }
 
 
@@ -140,6 +146,25 @@ def identity_service_from_flags(
         data["name"] = name
     try:
         return IdentityServiceConfig.model_validate(data)
+    except ValidationError as exc:
+        flags: dict[Loc, str] = {(key,): flag for key, flag in _SERVICE_FLAGS.items()}
+        failure = config_error_from_validation(exc, data, flags=flags)
+    raise failure
+
+
+def ssh_host_service_from_flags(
+    destination_uri: str, *, principals: Iterable[str], name: str | None = None
+) -> SSHHostServiceConfig:
+    """An ``ssh_host`` service from ``start ssh-host``/``configure ssh-host`` flags."""
+    data: dict[str, Any] = {
+        "type": "ssh_host",
+        "destination": destination_from_uri(destination_uri).model_dump(),
+        "principals": list(principals),
+    }
+    if name is not None:
+        data["name"] = name
+    try:
+        return SSHHostServiceConfig.model_validate(data)
     except ValidationError as exc:
         flags: dict[Loc, str] = {(key,): flag for key, flag in _SERVICE_FLAGS.items()}
         failure = config_error_from_validation(exc, data, flags=flags)

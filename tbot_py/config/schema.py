@@ -316,8 +316,35 @@ class IdentityServiceConfig(_ServiceBase):
     ssh_config: Annotated[Literal["on", "off"], BeforeValidator(_on_off)] = "on"
 
 
+def _check_principals(value: list[str]) -> list[str]:
+    if not value:
+        raise config_problem("must list at least one principal (the host names clients dial)")
+    for i, principal in enumerate(value):
+        if not principal.strip():
+            raise config_problem("must not be empty", (i,))
+    return value
+
+
+def _check_ca_type(value: object) -> object:
+    if value == "openssh":
+        raise config_problem('ca_type "openssh" is not supported yet (supported: user)')
+    return value
+
+
+class SSHHostServiceConfig(_ServiceBase):
+    """An ``ssh_host`` output: a host key and certificate for ``principals``, and the user CA."""
+
+    type: Literal["ssh_host"] = "ssh_host"
+    destination: Destination
+    principals: Annotated[list[str], AfterValidator(_check_principals)]
+    ca_type: Annotated[Literal["user"], BeforeValidator(_check_ca_type)] = "user"
+
+
 # Add a model here and to the ServiceConfig union to support a new service type.
-SERVICE_MODELS: dict[str, type[_ServiceBase]] = {"identity": IdentityServiceConfig}
+SERVICE_MODELS: dict[str, type[_ServiceBase]] = {
+    "identity": IdentityServiceConfig,
+    "ssh_host": SSHHostServiceConfig,
+}
 
 
 def _check_service_type(value: object) -> object:
@@ -338,7 +365,9 @@ def _check_service_type(value: object) -> object:
 
 
 ServiceConfig = Annotated[
-    IdentityServiceConfig, Field(discriminator="type"), BeforeValidator(_check_service_type)
+    IdentityServiceConfig | SSHHostServiceConfig,
+    Field(discriminator="type"),
+    BeforeValidator(_check_service_type),
 ]
 
 

@@ -36,6 +36,24 @@ class BotContext:
         return tuple(ca for ca in self.cert_authorities if ca.type == ca_type)
 
 
+class Validity(Protocol):
+    """When a generated credential is valid: what the daemon schedules renewals from."""
+
+    @property
+    def not_before(self) -> datetime: ...
+
+    @property
+    def not_after(self) -> datetime: ...
+
+
+@dataclass(frozen=True)
+class CertValidity:
+    """The validity of a credential that is not an :class:`Identity` (a host certificate)."""
+
+    not_before: datetime
+    not_after: datetime
+
+
 @dataclass(frozen=True)
 class GenerateResult:
     """What one service produced: for logs and the one-shot summary. Holds no secret."""
@@ -43,7 +61,8 @@ class GenerateResult:
     service: str
     destination: str
     files: tuple[str, ...]
-    identity: Identity
+    #: The issued identity (``identity`` output) or just its validity (``ssh_host``).
+    identity: Validity
     #: True when any file's bytes differ from what the destination held before.
     changed: bool = True
     #: What was written, by name (holds the private key: never log it).

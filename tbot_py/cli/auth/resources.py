@@ -1,8 +1,13 @@
-"""``tbot-py auth create``, ``get`` and ``rm``: role resources, tctl-style (``role/NAME``)."""
+"""``tbot-py auth create``, ``get`` and ``rm``: resources, tctl-style (``role/NAME``).
+
+Kinds: ``role`` and ``workload_identity`` (``workload_identity/NAME``,
+``workload_identities``).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import click
@@ -16,6 +21,9 @@ from tbot_py.cli.auth._common import (
     user_errors,
 )
 
+if TYPE_CHECKING:
+    from tbot_py.authservice.workload_identities import WorkloadIdentity
+
 
 @click.command(name="create")
 @click.option(
@@ -23,16 +31,21 @@ from tbot_py.cli.auth._common import (
     "--filename",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The role YAML file (kind: role).",
+    help="The resource YAML file (kind: role or kind: workload_identity).",
 )
-@click.option("--force", is_flag=True, help="Replace the role if it exists.")
+@click.option("--force", is_flag=True, help="Replace the resource if it exists.")
 @admin_target_option
 @user_errors
 def create(filename: Path, force: bool, data_dir: Path | None) -> None:
-    """Create a role from a YAML file, or replace one with --force."""
+    """Create a role or workload identity from a YAML file, or replace one with --force."""
     from tbot_py.authservice import admin
+    from tbot_py.authservice.workload_identities import WorkloadIdentity
 
-    role = admin.read_role_file(filename)  # before opening: a bad file changes nothing
+    resource = admin.read_resource_file(filename)  # before opening: a bad file changes nothing
+    if isinstance(resource, WorkloadIdentity):
+        _create_workload_identity(resource, force, data_dir)
+        return
+    role = resource
     remote = remote_admin()
     if remote is not None:
         # The server parses it again; the text sent is what passed the check above.
@@ -61,7 +74,10 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
     from tbot_py.authservice.roles import role_from_data
     from tbot_py.config.duration import format_duration
 
-    _, name = admin.parse_resource_ref(resource)
+    kind, name = admin.parse_resource_ref(resource)
+    if kind == "workload_identity":
+        _get_workload_identities(name, output_format, data_dir)
+        return
     remote = remote_admin()
     if name is not None:
         if remote is not None:
@@ -106,16 +122,83 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
 @admin_target_option
 @user_errors
 def rm(resource: str, data_dir: Path | None) -> None:
-    """Delete role/NAME; refused while a bot uses it."""
+    """Delete role/NAME (refused while a bot uses it) or workload_identity/NAME."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.errors import BadParameter
 
-    _, name = admin.parse_resource_ref(resource)
+    kind, name = admin.parse_resource_ref(resource)
     if name is None:
-        raise BadParameter("name the role to remove: role/NAME")
+        what = "role" if kind == "role" else "workload identity"
+        raise BadParameter(f"name the {what} to remove: {kind}/NAME")
+    if kind == "workload_identity":
+        remote = remote_admin()
+        if remote is not None:
+            remote.call("DELETE", f"workload_identities/{quote(name, safe='')}")
+        else:
+            admin.delete_workload_identity(local_cluster(data_dir), name)
+        click.echo(f'workload identity "{name}" has been deleted')
+        return
     remote = remote_admin()
     if remote is not None:
         remote.call("DELETE", f"roles/{quote(name, safe='')}")
     else:
         admin.delete_role(local_cluster(data_dir), name)
     click.echo(f'role "{name}" has been deleted')
+
+
+def _create_workload_identity(
+    resource: WorkloadIdentity, force: bool, data_dir: Path | None
+) -> None:
+    from tbot_py.authservice import admin
+
+    remote = remote_admin()
+    if remote is not None:
+        body = {"yaml": resource.to_yaml(), "force": force}
+        replaced = bool(remote.call("POST", "workload_identities", body)["replaced"])
+    else:
+        replaced = admin.create_workload_identity(local_cluster(data_dir), resource, force=force)
+    click.echo(
+        f'workload identity "{resource.name}" has been {"updated" if replaced else "created"}'
+    )
+
+
+def _get_workload_identities(name: str | None, output_format: str, data_dir: Path | None) -> None:
+    from tbot_py.authservice import admin
+    from tbot_py.authservice.workload_identities import workload_identity_from_data
+
+    remote = remote_admin()
+    if name is not None:
+        if remote is not None:
+            doc = remote.call("GET", f"workload_identities/{quote(name, safe='')}")
+            found = workload_identity_from_data(doc["workload_identity"])
+        else:
+            found = admin.get_workload_identity(local_cluster(data_dir), name)
+        if output_format == "json":
+            print_json(found.to_json())
+        else:
+            click.echo(found.to_yaml(), nl=False)
+        return
+    if remote is not None:
+        resources = [
+            workload_identity_from_data(doc) for doc in remote.call("GET", "workload_identities")
+        ]
+    else:
+        resources = admin.list_workload_identities(local_cluster(data_dir))
+    if output_format == "json":
+        print_json([resource.to_json() for resource in resources])
+    elif output_format == "yaml":
+        click.echo("---\n".join(resource.to_yaml() for resource in resources), nl=False)
+    elif not resources:
+        click.echo("No workload identities.")
+    else:
+        print_table(
+            ("NAME", "SPIFFE ID PATH", "LABELS"),
+            [
+                (
+                    resource.name,
+                    resource.spec.spiffe.id,
+                    ",".join(f"{k}={v}" for k, v in sorted(resource.labels.items())) or "-",
+                )
+                for resource in resources
+            ],
+        )

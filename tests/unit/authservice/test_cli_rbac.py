@@ -94,7 +94,7 @@ def test_create_with_a_bad_file_fails_with_one_located_line_and_stores_nothing(
 
 def test_create_with_a_missing_file_fails_with_one_line(tmp_path: Path) -> None:
     result = run("create", "-f", tmp_path / "nope.yaml", "--data-dir", tmp_path / "auth")
-    assert_one_error_line(result, f"role file {tmp_path / 'nope.yaml'} does not exist")
+    assert_one_error_line(result, f"resource file {tmp_path / 'nope.yaml'} does not exist")
 
 
 def test_get_role_prints_yaml_that_create_reads_back(tmp_path: Path) -> None:
@@ -128,7 +128,11 @@ def test_get_roles_lists_the_presets_and_created_roles(tmp_path: Path) -> None:
     ("args", "needle"),
     [
         (["get", "role/ghost"], 'role "ghost" not found'),
-        (["get", "user/alice"], "unsupported resource 'user/alice': use role/NAME or roles"),
+        (
+            ["get", "user/alice"],
+            "unsupported resource 'user/alice': use role/NAME, roles, "
+            "workload_identity/NAME or workload_identities",
+        ),
         (["get", "role/"], "unsupported resource 'role/'"),
         (["rm", "role/ghost"], 'role "ghost" not found'),
         (["rm", "roles"], "name the role to remove: role/NAME"),

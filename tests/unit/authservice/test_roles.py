@@ -127,9 +127,13 @@ def _replace(old: str, new: str) -> str:
          'did you mean "app_labels"?'),
         (_replace("spec:", "specs:"),
          'role.yaml:6: specs: unknown key "specs"; did you mean "spec"?'),
-        (_replace("    logins: [root]", "    rules: []"),
-         'role.yaml:19: spec.deny.rules: unknown key "rules" '
-         "(known keys: logins, app_labels, mcp, impersonate)"),
+        (_replace("    logins: [root]", "    rule: []"),
+         'role.yaml:19: spec.deny.rule: unknown key "rule"; did you mean "rules"?'),
+        (_replace("    logins: [root]", "    rules: [{resources: [node], verbs: [create]}]"),
+         'role.yaml:19: spec.deny.rules[0].resources: unknown resource "node" '
+         "(known: *, host_cert)"),
+        (_replace("    logins: [root]", "    rules: [{resources: [host_cert], verbs: []}]"),
+         "role.yaml:19: spec.deny.rules[0].verbs: a rule needs at least one verb"),
         (_replace("max_session_ttl: 8h", "max_session_ttl: 8 hours"),
          'role.yaml:8: spec.options.max_session_ttl: invalid duration "8 hours" '
          "(use Go syntax such as 30s, 20m, 1h)"),
