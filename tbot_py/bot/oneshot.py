@@ -20,13 +20,16 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
-from tbot_py.client import tls
+from tbot_py.client import tls, wire
 from tbot_py.client.http import AuthClient
 from tbot_py.config.schema import (
     BotConfig,
     DirectoryDestination,
     IdentityServiceConfig,
     SSHHostServiceConfig,
+    WorkloadIdentityJWTServiceConfig,
+    WorkloadIdentitySelectorConfig,
+    WorkloadIdentityX509ServiceConfig,
 )
 from tbot_py.destinations import Destination
 from tbot_py.destinations import DirectoryDestination as DirectoryStore
@@ -36,6 +39,12 @@ from tbot_py.identity.model import Identity
 from tbot_py.services.base import BotContext, GenerateResult, OutputService
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService
 from tbot_py.services.ssh_host import SSHHostOutputSettings, SSHHostService
+from tbot_py.services.workload_identity import (
+    JWTSVIDOutputSettings,
+    WorkloadIdentityJWTService,
+    WorkloadIdentityX509Service,
+    X509SVIDOutputSettings,
+)
 
 if TYPE_CHECKING:
     from tbot_py.destinations.acl import Reader
@@ -82,6 +91,12 @@ def build_destination(config: DirectoryDestination | object) -> Destination:
     return MemoryStore()
 
 
+def wire_selector(selector: WorkloadIdentitySelectorConfig) -> wire.WorkloadIdentitySelector:
+    """The request's selector; config validation allows exactly one value per label."""
+    labels = {key: values[0] for key, values in selector.labels.items()}
+    return wire.WorkloadIdentitySelector(name=selector.name, labels=labels)
+
+
 def build_services(config: BotConfig, addr: str) -> list[OutputService]:
     """One runtime service per configured service, in config order."""
     services: list[OutputService] = []
@@ -102,6 +117,25 @@ def build_services(config: BotConfig, addr: str) -> list[OutputService]:
                 name=svc.name or "ssh_host", principals=tuple(svc.principals), ttl=ttl
             )
             services.append(SSHHostService(host_settings, build_destination(svc.destination)))
+        elif isinstance(svc, WorkloadIdentityX509ServiceConfig):
+            ttl, _ = svc.effective_lifetime(config)
+            x509_settings = X509SVIDOutputSettings(
+                name=svc.name or svc.type, selector=wire_selector(svc.selector), ttl=ttl
+            )
+            services.append(
+                WorkloadIdentityX509Service(x509_settings, build_destination(svc.destination))
+            )
+        elif isinstance(svc, WorkloadIdentityJWTServiceConfig):
+            ttl, _ = svc.effective_lifetime(config)
+            jwt_settings = JWTSVIDOutputSettings(
+                name=svc.name or svc.type,
+                selector=wire_selector(svc.selector),
+                audiences=tuple(svc.audiences),
+                ttl=ttl,
+            )
+            services.append(
+                WorkloadIdentityJWTService(jwt_settings, build_destination(svc.destination))
+            )
     return services
 
 

@@ -420,3 +420,182 @@ def configure_ssh_host(**params: Any) -> None:
 
 
 configure.add_command(configure_ssh_host)
+
+
+# --- workload-identity-x509 / workload-identity-jwt ---------------------------------------------
+
+
+def _workload_identity_options(*, jwt: bool) -> Callable[[F], F]:
+    """tbot's flags of the workload identity outputs (start_workload_identity_{x509,jwt}.go)."""
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option(
+                "--destination",
+                required=True,
+                help="Where to write: a directory path, file:///path or memory://.",
+            ),
+            click.option("--name-selector", help="The name of the workload identity to issue."),
+            click.option(
+                "--label-selector",
+                help="Labels selecting the workload identity to issue: k1=v1,k2=v2.",
+            ),
+        ]
+        if jwt:
+            options.append(
+                click.option(
+                    "--audience",
+                    "audiences",
+                    multiple=True,
+                    required=True,
+                    help="An audience of the JWT; repeatable, at least one.",
+                )
+            )
+        else:
+            options.append(
+                click.option(
+                    "--include-federated-trust-bundles",
+                    is_flag=True,
+                    default=False,
+                    help="Include federated trust bundles (not supported yet).",
+                )
+            )
+        options.append(click.option("--name", help="Service name (default <type>-N)."))
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def _selector_from_flags(params: dict[str, Any]) -> dict[str, Any]:
+    name = params.get("name_selector") or ""
+    spec = params.get("label_selector") or ""
+    if name and spec:
+        raise ConfigError("--name-selector and --label-selector are mutually exclusive")
+    if name:
+        return {"name": name}
+    if not spec:
+        raise ConfigError("--name-selector or --label-selector must be specified")
+    labels: dict[str, list[str]] = {}
+    for item in spec.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ConfigError(f"--label-selector: expected k1=v1,k2=v2, got {item.strip()!r}")
+        labels[key.strip()] = [value.strip()]
+    return {"labels": labels}
+
+
+_WORKLOAD_FLAGS: dict[str, str] = {
+    "name": "--name",
+    "destination": "--destination",
+    "selector": "--name-selector/--label-selector",
+    "include_federated_trust_bundles": "--include-federated-trust-bundles",
+    "audiences": "--audience",
+}
+
+
+def _with_workload_identity_service(
+    config: BotConfig, params: dict[str, Any], kind: str
+) -> BotConfig:
+    from pydantic import ValidationError
+
+    from tbot_py.config._checks import Loc
+    from tbot_py.config.loader import config_error_from_validation
+    from tbot_py.config.schema import (
+        WorkloadIdentityJWTServiceConfig,
+        WorkloadIdentityX509ServiceConfig,
+    )
+    from tbot_py.config.uri import destination_from_uri
+
+    data: dict[str, Any] = {
+        "type": kind,
+        "destination": destination_from_uri(params["destination"]).model_dump(),
+        "selector": _selector_from_flags(params),
+    }
+    model: type[WorkloadIdentityX509ServiceConfig] | type[WorkloadIdentityJWTServiceConfig]
+    if kind == "workload-identity-jwt":
+        data["audiences"] = list(params.get("audiences") or ())
+        model = WorkloadIdentityJWTServiceConfig
+    else:
+        data["include_federated_trust_bundles"] = bool(
+            params.get("include_federated_trust_bundles")
+        )
+        model = WorkloadIdentityX509ServiceConfig
+    if params.get("name") is not None:
+        data["name"] = params["name"]
+    try:
+        service = model.model_validate(data)
+    except ValidationError as exc:
+        flags: dict[Loc, str] = {(key,): flag for key, flag in _WORKLOAD_FLAGS.items()}
+        raise config_error_from_validation(exc, data, flags=flags) from None
+    return append_service(config, service)
+
+
+def _start_workload_identity(params: dict[str, Any], kind: str) -> None:
+    _setup_logging(params)
+
+    def build() -> BotConfig:
+        return _with_workload_identity_service(_build_config(params, load_file=True), params, kind)
+
+    reload = build if params.get("config_path") else None
+    watch = params["config_path"] if params.get("watch_config") and reload else None
+    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
+
+
+def _configure_workload_identity(params: dict[str, Any], kind: str) -> None:
+    _setup_logging(params)
+    if params.get("config_path"):
+        log.warning(
+            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
+        )
+    config = _build_config(params, load_file=False)
+    _print_config(_with_workload_identity_service(config, params, kind), params)
+
+
+_OUTPUT_OPTION = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the config to this file (mode 0600) instead of stdout.",
+)
+
+
+@click.command("workload-identity-x509")
+@_config_options
+@_workload_identity_options(jwt=False)
+def start_workload_identity_x509(**params: Any) -> None:
+    """Start with a workload-identity-x509 output: an X.509 SVID, its key and the bundle."""
+    _start_workload_identity(params, "workload-identity-x509")
+
+
+@click.command("workload-identity-jwt")
+@_config_options
+@_workload_identity_options(jwt=True)
+def start_workload_identity_jwt(**params: Any) -> None:
+    """Start with a workload-identity-jwt output: a JWT-SVID for the audiences."""
+    _start_workload_identity(params, "workload-identity-jwt")
+
+
+@click.command("workload-identity-x509")
+@_config_options
+@_workload_identity_options(jwt=False)
+@_OUTPUT_OPTION
+def configure_workload_identity_x509(**params: Any) -> None:
+    """Print the YAML for a workload-identity-x509 output."""
+    _configure_workload_identity(params, "workload-identity-x509")
+
+
+@click.command("workload-identity-jwt")
+@_config_options
+@_workload_identity_options(jwt=True)
+@_OUTPUT_OPTION
+def configure_workload_identity_jwt(**params: Any) -> None:
+    """Print the YAML for a workload-identity-jwt output."""
+    _configure_workload_identity(params, "workload-identity-jwt")
+
+
+start.add_command(start_workload_identity_x509)
+start.add_command(start_workload_identity_jwt)
+configure.add_command(configure_workload_identity_x509)
+configure.add_command(configure_workload_identity_jwt)

@@ -340,10 +340,78 @@ class SSHHostServiceConfig(_ServiceBase):
     ca_type: Annotated[Literal["user"], BeforeValidator(_check_ca_type)] = "user"
 
 
+def _check_selector_labels(value: dict[str, list[str]]) -> dict[str, list[str]]:
+    for key, values in value.items():
+        if not key.strip():
+            raise config_problem("label names must not be empty")
+        if not values:
+            raise config_problem("must list at least one value", (key,))
+        if len(values) > 1:
+            raise config_problem(
+                "more than one value per label is not supported yet (give exactly one)", (key,)
+            )
+        for i, item in enumerate(values):
+            if not item:
+                raise config_problem("must not be empty", (key, i))
+    return value
+
+
+class WorkloadIdentitySelectorConfig(_Model):
+    """Which ``workload_identity`` resource: by ``name`` or by ``labels`` (exactly one)."""
+
+    name: str = ""
+    labels: Annotated[dict[str, list[str]], AfterValidator(_check_selector_labels)] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> WorkloadIdentitySelectorConfig:
+        if bool(self.name) == bool(self.labels):
+            raise config_problem("set exactly one of name and labels")
+        return self
+
+
+def _check_federated(value: object) -> object:
+    if value is True:
+        raise config_problem(
+            "include_federated_trust_bundles is not supported yet (there is no federation)"
+        )
+    return value
+
+
+def _check_audiences(value: list[str]) -> list[str]:
+    if not value:
+        raise config_problem("must list at least one audience")
+    for i, audience in enumerate(value):
+        if not audience.strip():
+            raise config_problem("must not be empty", (i,))
+    return value
+
+
+class WorkloadIdentityX509ServiceConfig(_ServiceBase):
+    """A ``workload-identity-x509`` output: an X.509 SVID, its key and the SPIFFE bundle."""
+
+    type: Literal["workload-identity-x509"] = "workload-identity-x509"
+    destination: Destination
+    selector: WorkloadIdentitySelectorConfig
+    include_federated_trust_bundles: Annotated[bool, BeforeValidator(_check_federated)] = False
+
+
+class WorkloadIdentityJWTServiceConfig(_ServiceBase):
+    """A ``workload-identity-jwt`` output: a JWT-SVID for ``audiences``."""
+
+    type: Literal["workload-identity-jwt"] = "workload-identity-jwt"
+    destination: Destination
+    selector: WorkloadIdentitySelectorConfig
+    audiences: Annotated[list[str], AfterValidator(_check_audiences)]
+
+
 # Add a model here and to the ServiceConfig union to support a new service type.
 SERVICE_MODELS: dict[str, type[_ServiceBase]] = {
     "identity": IdentityServiceConfig,
     "ssh_host": SSHHostServiceConfig,
+    "workload-identity-x509": WorkloadIdentityX509ServiceConfig,
+    "workload-identity-jwt": WorkloadIdentityJWTServiceConfig,
 }
 
 
@@ -365,7 +433,10 @@ def _check_service_type(value: object) -> object:
 
 
 ServiceConfig = Annotated[
-    IdentityServiceConfig | SSHHostServiceConfig,
+    IdentityServiceConfig
+    | SSHHostServiceConfig
+    | WorkloadIdentityX509ServiceConfig
+    | WorkloadIdentityJWTServiceConfig,
     Field(discriminator="type"),
     BeforeValidator(_check_service_type),
 ]

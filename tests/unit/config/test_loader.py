@@ -406,7 +406,8 @@ def test_bad_symlinks_acls_or_readers_point_at_the_line(line: str, message: str)
 def test_unknown_service_type_lists_supported_types() -> None:
     err = error_for("version: v2\nservices:\n  - type: foo\n    destination: {type: memory}\n")
     assert str(err) == (
-        f'{SOURCE}:3: services[0].type: unknown service type "foo" (supported: identity, ssh_host)'
+        f'{SOURCE}:3: services[0].type: unknown service type "foo" (supported: identity, ssh_host, '
+        "workload-identity-x509, workload-identity-jwt)"
     )
 
 
@@ -416,15 +417,15 @@ def test_known_but_unsupported_service_type_says_not_supported_yet() -> None:
     )
     assert str(err) == (
         f'{SOURCE}:4: services[0].type: service type "application" is not supported yet '
-        "(supported: identity, ssh_host)"
+        "(supported: identity, ssh_host, workload-identity-x509, workload-identity-jwt)"
     )
 
 
 def test_service_without_type_is_an_error() -> None:
     err = error_for("version: v2\nservices:\n  - destination: {type: memory}\n")
-    assert (
-        str(err)
-        == f'{SOURCE}:3: services[0]: missing required key "type" (one of: identity, ssh_host)'
+    assert str(err) == (
+        f'{SOURCE}:3: services[0]: missing required key "type" (one of: identity, ssh_host, '
+        "workload-identity-x509, workload-identity-jwt)"
     )
 
 

@@ -92,7 +92,7 @@ def test_bad_ssh_host_services_get_one_located_error(service: str, expected: str
 
 def test_unknown_types_keep_their_errors() -> None:
     message = error_for("- {type: foo}")
-    assert 'unknown service type "foo" (supported: identity, ssh_host)' in message
+    assert 'unknown service type "foo" (supported: identity, ssh_host, ' in message
     message = error_for("- {type: vnet}")
     assert 'service type "vnet" is not supported yet' in message
 
