@@ -319,19 +319,38 @@ def start(ctx: click.Context, /, **params: Any) -> None:
     )
 
 
+#: Adds the output that a `start <type>`/`configure <type>` sub-command's flags describe.
+WithService = Callable[[BotConfig, dict[str, Any]], BotConfig]
+
+
+def _start_with(params: dict[str, Any], with_service: WithService) -> None:
+    """`start <type>`: the config from -c (if any) and the flags, plus the flags' output."""
+    _setup_logging(params)
+
+    def build() -> BotConfig:
+        return with_service(_build_config(params, load_file=True), params)
+
+    reload = build if params.get("config_path") else None
+    watch = params["config_path"] if params.get("watch_config") and reload else None
+    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
+
+
+def _configure_with(params: dict[str, Any], with_service: WithService) -> None:
+    """`configure <type>`: print (or write) the YAML the same flags describe."""
+    _setup_logging(params)
+    if params.get("config_path"):
+        log.warning(
+            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
+        )
+    _print_config(with_service(_build_config(params, load_file=False), params), params)
+
+
 @click.command("identity")
 @_config_options
 @_identity_options
 def start_identity(**params: Any) -> None:
     """Start with an identity output (for ssh, tsh and curl); aliases: ssh, id."""
-    _setup_logging(params)
-
-    def build() -> BotConfig:
-        return _with_identity_service(_build_config(params, load_file=True), params)
-
-    reload = build if params.get("config_path") else None
-    watch = params["config_path"] if params.get("watch_config") and reload else None
-    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
+    _start_with(params, _with_identity_service)
 
 
 for _alias in ("identity", "ssh", "id"):
@@ -343,17 +362,18 @@ for _alias in ("identity", "ssh", "id"):
 @_ssh_host_options
 def start_ssh_host(**params: Any) -> None:
     """Start with an ssh_host output: a host key and certificate for an OpenSSH server."""
-    _setup_logging(params)
-
-    def build() -> BotConfig:
-        return _with_ssh_host_service(_build_config(params, load_file=True), params)
-
-    reload = build if params.get("config_path") else None
-    watch = params["config_path"] if params.get("watch_config") and reload else None
-    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
+    _start_with(params, _with_ssh_host_service)
 
 
 start.add_command(start_ssh_host)
+
+
+_OUTPUT_OPTION = click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    help="Write the config to this file (mode 0600) instead of stdout.",
+)
 
 
 @click.group()
@@ -364,20 +384,10 @@ def configure() -> None:
 @click.command("identity")
 @_config_options
 @_identity_options
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write the config to this file (mode 0600) instead of stdout.",
-)
+@_OUTPUT_OPTION
 def configure_identity(**params: Any) -> None:
     """Print the YAML for an identity output; aliases: ssh, id."""
-    _setup_logging(params)
-    if params.get("config_path"):
-        log.warning(
-            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
-        )
-    _print_config(_with_identity_service(_build_config(params, load_file=False), params), params)
+    _configure_with(params, _with_identity_service)
 
 
 def _print_config(config: BotConfig, params: dict[str, Any]) -> None:
@@ -403,20 +413,10 @@ for _alias in ("identity", "ssh", "id"):
 @click.command("ssh-host")
 @_config_options
 @_ssh_host_options
-@click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write the config to this file (mode 0600) instead of stdout.",
-)
+@_OUTPUT_OPTION
 def configure_ssh_host(**params: Any) -> None:
     """Print the YAML for an ssh_host output."""
-    _setup_logging(params)
-    if params.get("config_path"):
-        log.warning(
-            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
-        )
-    _print_config(_with_ssh_host_service(_build_config(params, load_file=False), params), params)
+    _configure_with(params, _with_ssh_host_service)
 
 
 configure.add_command(configure_ssh_host)
@@ -495,6 +495,11 @@ _WORKLOAD_FLAGS: dict[str, str] = {
 }
 
 
+def _with_workload_identity(kind: str) -> WithService:
+    """The ``WithService`` of the ``kind`` workload identity sub-commands."""
+    return lambda config, params: _with_workload_identity_service(config, params, kind)
+
+
 def _with_workload_identity_service(
     config: BotConfig, params: dict[str, Any], kind: str
 ) -> BotConfig:
@@ -532,41 +537,12 @@ def _with_workload_identity_service(
     return append_service(config, service)
 
 
-def _start_workload_identity(params: dict[str, Any], kind: str) -> None:
-    _setup_logging(params)
-
-    def build() -> BotConfig:
-        return _with_workload_identity_service(_build_config(params, load_file=True), params, kind)
-
-    reload = build if params.get("config_path") else None
-    watch = params["config_path"] if params.get("watch_config") and reload else None
-    run_config(build(), reload=reload, log_format=params["log_format"], watch_config=watch)
-
-
-def _configure_workload_identity(params: dict[str, Any], kind: str) -> None:
-    _setup_logging(params)
-    if params.get("config_path"):
-        log.warning(
-            "configure builds the config from flags only; ignoring -c %s", params["config_path"]
-        )
-    config = _build_config(params, load_file=False)
-    _print_config(_with_workload_identity_service(config, params, kind), params)
-
-
-_OUTPUT_OPTION = click.option(
-    "-o",
-    "--output",
-    type=click.Path(dir_okay=False),
-    help="Write the config to this file (mode 0600) instead of stdout.",
-)
-
-
 @click.command("workload-identity-x509")
 @_config_options
 @_workload_identity_options(jwt=False)
 def start_workload_identity_x509(**params: Any) -> None:
     """Start with a workload-identity-x509 output: an X.509 SVID, its key and the bundle."""
-    _start_workload_identity(params, "workload-identity-x509")
+    _start_with(params, _with_workload_identity("workload-identity-x509"))
 
 
 @click.command("workload-identity-jwt")
@@ -574,7 +550,7 @@ def start_workload_identity_x509(**params: Any) -> None:
 @_workload_identity_options(jwt=True)
 def start_workload_identity_jwt(**params: Any) -> None:
     """Start with a workload-identity-jwt output: a JWT-SVID for the audiences."""
-    _start_workload_identity(params, "workload-identity-jwt")
+    _start_with(params, _with_workload_identity("workload-identity-jwt"))
 
 
 @click.command("workload-identity-x509")
@@ -583,7 +559,7 @@ def start_workload_identity_jwt(**params: Any) -> None:
 @_OUTPUT_OPTION
 def configure_workload_identity_x509(**params: Any) -> None:
     """Print the YAML for a workload-identity-x509 output."""
-    _configure_workload_identity(params, "workload-identity-x509")
+    _configure_with(params, _with_workload_identity("workload-identity-x509"))
 
 
 @click.command("workload-identity-jwt")
@@ -592,7 +568,7 @@ def configure_workload_identity_x509(**params: Any) -> None:
 @_OUTPUT_OPTION
 def configure_workload_identity_jwt(**params: Any) -> None:
     """Print the YAML for a workload-identity-jwt output."""
-    _configure_workload_identity(params, "workload-identity-jwt")
+    _configure_with(params, _with_workload_identity("workload-identity-jwt"))
 
 
 start.add_command(start_workload_identity_x509)

@@ -6,6 +6,8 @@ is handed, and never knows how its destination stores bytes.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -13,6 +15,7 @@ from typing import Protocol
 
 from tbot_py.client import wire
 from tbot_py.client.api import AuthAPI
+from tbot_py.destinations.base import Destination
 from tbot_py.identity.model import Identity
 
 
@@ -67,6 +70,47 @@ class GenerateResult:
     changed: bool = True
     #: What was written, by name (holds the private key: never log it).
     written: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+
+
+def _store(destination: Destination, files: Mapping[str, bytes]) -> bool:
+    """Write ``files`` (blocking); whether any differs from what the destination held."""
+    changed = destination.read_many(files) != files
+    destination.write_many(files)
+    return changed
+
+
+async def write_output(
+    name: str,
+    destination: Destination,
+    files: Mapping[str, bytes],
+    validity: Validity,
+    *,
+    what: str,
+    log: logging.Logger,
+) -> GenerateResult:
+    """Write one output's ``files``, log one line about ``what`` was written, say what it was.
+
+    In a worker thread: a directory write fsyncs every file, and on the event loop a
+    daemon with many outputs would renew them one fsync at a time.
+    """
+    changed = await asyncio.to_thread(_store, destination, files)
+    log.info(
+        "%s: wrote %d files to %s (%s, valid %s to %s)",
+        name,
+        len(files),
+        destination.describe(),
+        what,
+        validity.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        validity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
+    return GenerateResult(
+        service=name,
+        destination=destination.describe(),
+        files=tuple(files),
+        identity=validity,
+        changed=changed,
+        written=files,
+    )
 
 
 class OutputService(Protocol):

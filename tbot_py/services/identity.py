@@ -7,9 +7,7 @@ the destination, which replaces each file atomically.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,7 +17,7 @@ from tbot_py.destinations import Destination, DirectoryDestination
 from tbot_py.identity import keys
 from tbot_py.identity.artifacts import SSHConfigTarget, identity_output_files
 from tbot_py.identity.model import Identity
-from tbot_py.services.base import BotContext, GenerateResult
+from tbot_py.services.base import BotContext, GenerateResult, write_output
 
 log = logging.getLogger("tbot_py.services.identity")
 
@@ -81,12 +79,6 @@ class IdentityService:
             tls_routing=bot.ping.tls_routing_enabled,
         )
 
-    def _store(self, files: Mapping[str, bytes]) -> bool:
-        """Write ``files`` (blocking); whether any differs from what the destination held."""
-        changed = self.destination.read_many(files) != files
-        self.destination.write_many(files)
-        return changed
-
     async def generate(self, bot: BotContext) -> GenerateResult:
         """Issue a fresh impersonated identity and write every artifact."""
         key = keys.generate_private_key()
@@ -119,25 +111,13 @@ class IdentityService:
             known_hosts=self._known_hosts_target(bot),
             ssh_config_dir=directory,
         )
-        # In a worker thread: a directory write fsyncs every file, and on the event loop a
-        # daemon with many outputs would renew them one fsync at a time.
-        changed = await asyncio.to_thread(self._store, files)
-        log.info(
-            "%s: wrote %d files to %s (%s, roles %s, principals %s, valid %s to %s)",
+        roles = ",".join(identity.roles) or "-"
+        principals = ",".join(identity.principals) or "-"
+        return await write_output(
             self.name,
-            len(files),
-            self.destination.describe(),
-            identity.username,
-            ",".join(identity.roles) or "-",
-            ",".join(identity.principals) or "-",
-            identity.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            identity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
-        return GenerateResult(
-            service=self.name,
-            destination=self.destination.describe(),
-            files=tuple(files),
-            identity=identity,
-            changed=changed,
-            written=files,
+            self.destination,
+            files,
+            identity,
+            what=f"{identity.username}, roles {roles}, principals {principals}",
+            log=log,
         )

@@ -9,9 +9,7 @@ artifacts. With them ``sshd`` presents a certificate the cluster's users trust
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -22,7 +20,7 @@ from tbot_py.client import wire
 from tbot_py.destinations import Destination
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
-from tbot_py.services.base import BotContext, CertValidity, GenerateResult
+from tbot_py.services.base import BotContext, CertValidity, GenerateResult, write_output
 
 log = logging.getLogger("tbot_py.services.ssh_host")
 
@@ -90,12 +88,6 @@ class SSHHostService:
     def init(self) -> None:
         self.destination.init()
 
-    def _store(self, files: Mapping[str, bytes]) -> bool:
-        """Write ``files`` (blocking); whether any differs from what the destination held."""
-        changed = self.destination.read_many(files) != files
-        self.destination.write_many(files)
-        return changed
-
     async def generate(self, bot: BotContext) -> GenerateResult:
         """Sign a host certificate for a fresh key and write the three artifacts."""
         key = keys.generate_private_key()
@@ -122,21 +114,11 @@ class SSHHostService:
             ARTIFACT_HOST_CERT: answer.ssh_cert.strip() + b"\n",
             ARTIFACT_USER_CA: user_ca_lines(bot),
         }
-        changed = await asyncio.to_thread(self._store, files)
-        log.info(
-            "%s: wrote %d files to %s (host certificate for %s, valid %s to %s)",
+        return await write_output(
             self.name,
-            len(files),
-            self.destination.describe(),
-            ",".join(self.settings.principals),
-            validity.not_before.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            validity.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        )
-        return GenerateResult(
-            service=self.name,
-            destination=self.destination.describe(),
-            files=tuple(files),
-            identity=validity,
-            changed=changed,
-            written=files,
+            self.destination,
+            files,
+            validity,
+            what="host certificate for " + ",".join(self.settings.principals),
+            log=log,
         )

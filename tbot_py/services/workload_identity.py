@@ -9,11 +9,9 @@ Each answer is checked before anything is written.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -24,7 +22,7 @@ from tbot_py.client import wire
 from tbot_py.destinations import Destination
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
-from tbot_py.services.base import BotContext, CertValidity, GenerateResult
+from tbot_py.services.base import BotContext, CertValidity, GenerateResult, write_output
 
 log = logging.getLogger("tbot_py.services.workload_identity")
 
@@ -59,17 +57,6 @@ def describe_selector(selector: wire.WorkloadIdentitySelector) -> str:
     if selector.name:
         return f"name={selector.name}"
     return "labels=" + ",".join(f"{k}={v}" for k, v in sorted(selector.labels.items()))
-
-
-def _store(destination: Destination, files: Mapping[str, bytes]) -> bool:
-    """Write ``files`` (blocking); whether any differs from what the destination held."""
-    changed = destination.read_many(files) != files
-    destination.write_many(files)
-    return changed
-
-
-def _when(value: datetime) -> str:
-    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def check_x509_svid(
@@ -166,24 +153,13 @@ class WorkloadIdentityX509Service:
             ARTIFACT_SVID_KEY: keys.private_key_pem(key),
             ARTIFACT_SVID_BUNDLE: answer.bundle.strip() + b"\n",
         }
-        changed = await asyncio.to_thread(_store, self.destination, files)
-        log.info(
-            "%s: wrote %d files to %s (X.509 SVID %s for %s, valid %s to %s)",
+        return await write_output(
             self.name,
-            len(files),
-            self.destination.describe(),
-            answer.spiffe_id,
-            describe_selector(self.settings.selector),
-            _when(validity.not_before),
-            _when(validity.not_after),
-        )
-        return GenerateResult(
-            service=self.name,
-            destination=self.destination.describe(),
-            files=tuple(files),
-            identity=validity,
-            changed=changed,
-            written=files,
+            self.destination,
+            files,
+            validity,
+            what=f"X.509 SVID {answer.spiffe_id} for {describe_selector(self.settings.selector)}",
+            log=log,
         )
 
 
@@ -212,23 +188,13 @@ class WorkloadIdentityJWTService:
         )
         validity = check_jwt_svid(answer, self.settings.audiences)
         files = {ARTIFACT_JWT_SVID: answer.jwt.encode()}
-        changed = await asyncio.to_thread(_store, self.destination, files)
-        log.info(
-            "%s: wrote %d files to %s (JWT-SVID %s for %s, audiences %s, valid %s to %s)",
+        audiences = ",".join(self.settings.audiences)
+        return await write_output(
             self.name,
-            len(files),
-            self.destination.describe(),
-            answer.spiffe_id,
-            describe_selector(self.settings.selector),
-            ",".join(self.settings.audiences),
-            _when(validity.not_before),
-            _when(validity.not_after),
-        )
-        return GenerateResult(
-            service=self.name,
-            destination=self.destination.describe(),
-            files=tuple(files),
-            identity=validity,
-            changed=changed,
-            written=files,
+            self.destination,
+            files,
+            validity,
+            what=f"JWT-SVID {answer.spiffe_id} for {describe_selector(self.settings.selector)}, "
+            f"audiences {audiences}",
+            log=log,
         )
