@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from tbot_py.client import wire
 from tbot_py.client.api import AuthAPI
@@ -70,6 +70,30 @@ class GenerateResult:
     changed: bool = True
     #: What was written, by name (holds the private key: never log it).
     written: Mapping[str, bytes] = field(default_factory=dict, repr=False, compare=False)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Named)
+
+
+class DestinationOutput(Generic[S]):
+    """What every output service shares: its settings, which name it, and one destination."""
+
+    def __init__(self, settings: S, destination: Destination) -> None:
+        self.settings = settings
+        self.destination = destination
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def init(self) -> None:
+        """Prepare the destination (no network); raise DestinationError if unusable."""
+        self.destination.init()
 
 
 def _store(destination: Destination, files: Mapping[str, bytes]) -> bool:

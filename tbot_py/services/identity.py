@@ -17,7 +17,7 @@ from tbot_py.destinations import Destination, DirectoryDestination
 from tbot_py.identity import keys
 from tbot_py.identity.artifacts import SSHConfigTarget, identity_output_files
 from tbot_py.identity.model import Identity
-from tbot_py.services.base import BotContext, GenerateResult, write_output
+from tbot_py.services.base import BotContext, DestinationOutput, GenerateResult, write_output
 
 log = logging.getLogger("tbot_py.services.identity")
 
@@ -50,22 +50,14 @@ def split_host_port(addr: str, default_port: int = DEFAULT_PROXY_PORT) -> tuple[
     return host, int(port) if port.isdigit() else default_port
 
 
-class IdentityService:
+class IdentityService(DestinationOutput[IdentityOutputSettings]):
     """Writes tbot's ``identity`` artifacts to one destination."""
 
     def __init__(
         self, settings: IdentityOutputSettings, destination: Destination, proxy_addr: str
     ) -> None:
-        self.settings = settings
-        self.destination = destination
+        super().__init__(settings, destination)
         self.proxy_addr = proxy_addr
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    def init(self) -> None:
-        self.destination.init()
 
     def _known_hosts_target(self, bot: BotContext) -> SSHConfigTarget | None:
         if not self.settings.ssh_config:

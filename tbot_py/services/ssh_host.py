@@ -17,10 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_ssh_public_identity, ssh
 
 from tbot_py.client import wire
-from tbot_py.destinations import Destination
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
-from tbot_py.services.base import BotContext, CertValidity, GenerateResult, write_output
+from tbot_py.services.base import (
+    BotContext,
+    CertValidity,
+    DestinationOutput,
+    GenerateResult,
+    write_output,
+)
 
 log = logging.getLogger("tbot_py.services.ssh_host")
 
@@ -74,19 +79,8 @@ def _check_host_cert(line: bytes, principals: tuple[str, ...]) -> ssh.SSHCertifi
     return cert
 
 
-class SSHHostService:
+class SSHHostService(DestinationOutput[SSHHostOutputSettings]):
     """Writes tbot's ``ssh_host`` artifacts to one destination."""
-
-    def __init__(self, settings: SSHHostOutputSettings, destination: Destination) -> None:
-        self.settings = settings
-        self.destination = destination
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    def init(self) -> None:
-        self.destination.init()
 
     async def generate(self, bot: BotContext) -> GenerateResult:
         """Sign a host certificate for a fresh key and write the three artifacts."""

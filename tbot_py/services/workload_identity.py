@@ -19,10 +19,15 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from tbot_py.client import wire
-from tbot_py.destinations import Destination
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
-from tbot_py.services.base import BotContext, CertValidity, GenerateResult, write_output
+from tbot_py.services.base import (
+    BotContext,
+    CertValidity,
+    DestinationOutput,
+    GenerateResult,
+    write_output,
+)
 
 log = logging.getLogger("tbot_py.services.workload_identity")
 
@@ -123,19 +128,8 @@ def check_jwt_svid(answer: wire.JWTSVIDResponse, audiences: tuple[str, ...]) -> 
     )
 
 
-class WorkloadIdentityX509Service:
+class WorkloadIdentityX509Service(DestinationOutput[X509SVIDOutputSettings]):
     """Writes tbot's ``workload-identity-x509`` artifacts to one destination."""
-
-    def __init__(self, settings: X509SVIDOutputSettings, destination: Destination) -> None:
-        self.settings = settings
-        self.destination = destination
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    def init(self) -> None:
-        self.destination.init()
 
     async def generate(self, bot: BotContext) -> GenerateResult:
         """Have a fresh key's SVID signed and write the SVID, key and bundle."""
@@ -163,19 +157,8 @@ class WorkloadIdentityX509Service:
         )
 
 
-class WorkloadIdentityJWTService:
+class WorkloadIdentityJWTService(DestinationOutput[JWTSVIDOutputSettings]):
     """Writes tbot's ``workload-identity-jwt`` artifact to one destination."""
-
-    def __init__(self, settings: JWTSVIDOutputSettings, destination: Destination) -> None:
-        self.settings = settings
-        self.destination = destination
-
-    @property
-    def name(self) -> str:
-        return self.settings.name
-
-    def init(self) -> None:
-        self.destination.init()
 
     async def generate(self, bot: BotContext) -> GenerateResult:
         """Have a JWT-SVID signed for the audiences and write it."""
