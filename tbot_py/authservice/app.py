@@ -66,6 +66,7 @@ from tbot_py.authservice.workload_identities import (
 from tbot_py.client import wire
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
+from tbot_py.identity.tlsid import TLSIdentity
 
 log = logging.getLogger("tbot_py.authservice")
 
@@ -312,6 +313,7 @@ class AuthAPI:
             fields["resource"] = f"bot/{fields['bot']}"
             req = wire.ImpersonateRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
+            route = _route_of(req)
 
             bot, stored = await self._admit(caller, now, with_roles=True)
             roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
@@ -337,6 +339,7 @@ class AuthAPI:
                 reissuable=req.reissuable,
                 route_to_cluster=req.route_to_cluster,
                 now=now,
+                route=route,
             )
             fields["expires"] = wire.format_time(expires)
         return web.json_response(certs.to_json())
@@ -557,6 +560,34 @@ class AuthAPI:
                 },
             )
         )
+
+
+#: Longest app / database service / user / name a route may carry.
+_MAX_ROUTE_FIELD = 253
+
+
+def _route_of(req: wire.ImpersonateRequest) -> TLSIdentity | None:
+    """The RouteToApp / RouteToDatabase fields of ``req`` (None without a route).
+
+    Routing only: there is no app or database registry yet, so no ``app_labels`` /
+    ``db_labels`` check is made here; the roles requested are checked as for any output.
+    """
+    values = (req.route_to_app, req.route_to_db_service, req.route_to_db_user, req.route_to_db_name)
+    if not any(values):
+        return None
+    if any(len(v) > _MAX_ROUTE_FIELD for v in values):
+        raise BadParameter(f"a route field is longer than {_MAX_ROUTE_FIELD} characters")
+    if req.route_to_app and any(values[1:]):
+        raise BadParameter("a certificate routes to an app or to a database, not both")
+    if not req.route_to_app and not req.route_to_db_service:
+        raise BadParameter("route_to_db_user and route_to_db_name need route_to_db_service")
+    return TLSIdentity(
+        username="",
+        route_to_app=req.route_to_app,
+        db_service=req.route_to_db_service,
+        db_user=req.route_to_db_user,
+        db_name=req.route_to_db_name,
+    )
 
 
 def _existing_bot(conn: _sql.Connection, caller: BotCaller) -> BotRecord:

@@ -287,8 +287,13 @@ def issue_impersonated_identity(
     reissuable: bool,
     route_to_cluster: str,
     now: datetime,
+    route: TLSIdentity | None = None,
 ) -> Certs:
-    """A short-lived, non-renewable identity holding ``roles``, for an output."""
+    """A short-lived, non-renewable identity holding ``roles``, for an output.
+
+    ``route`` carries only the app / database routing fields (RouteToApp,
+    RouteToDatabase) to copy into the certificate's subject.
+    """
     identity = TLSIdentity(
         username=bot.username,
         groups=tuple(roles),
@@ -300,6 +305,10 @@ def issue_impersonated_identity(
         bot_name=bot.name,
         bot_instance_id=instance_id,
         traits=_traits(bot),
+        route_to_app=route.route_to_app if route else "",
+        db_service=route.db_service if route else "",
+        db_user=route.db_user if route else "",
+        db_name=route.db_name if route else "",
     )
     return _issue_user_identity(cas, identity, public_key, expires=expires, now=now)
 

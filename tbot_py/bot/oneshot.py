@@ -23,7 +23,9 @@ from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
 from tbot_py.client import tls, wire
 from tbot_py.client.http import AuthClient
 from tbot_py.config.schema import (
+    ApplicationServiceConfig,
     BotConfig,
+    DatabaseServiceConfig,
     DirectoryDestination,
     IdentityServiceConfig,
     SSHHostServiceConfig,
@@ -36,7 +38,9 @@ from tbot_py.destinations import DirectoryDestination as DirectoryStore
 from tbot_py.destinations import MemoryDestination as MemoryStore
 from tbot_py.errors import ConfigError, Error
 from tbot_py.identity.model import Identity
+from tbot_py.services.application import ApplicationOutputSettings, ApplicationService
 from tbot_py.services.base import BotContext, GenerateResult, OutputService
+from tbot_py.services.database import DatabaseOutputSettings, DatabaseService
 from tbot_py.services.identity import IdentityOutputSettings, IdentityService
 from tbot_py.services.ssh_host import SSHHostOutputSettings, SSHHostService
 from tbot_py.services.workload_identity import (
@@ -136,6 +140,26 @@ def build_services(config: BotConfig, addr: str) -> list[OutputService]:
             services.append(
                 WorkloadIdentityJWTService(jwt_settings, build_destination(svc.destination))
             )
+        elif isinstance(svc, ApplicationServiceConfig):
+            ttl, _ = svc.effective_lifetime(config)
+            app_settings = ApplicationOutputSettings(
+                name=svc.name or svc.type,
+                app_name=svc.app_name,
+                specific_tls_extensions=svc.specific_tls_extensions,
+                ttl=ttl,
+            )
+            services.append(ApplicationService(app_settings, build_destination(svc.destination)))
+        elif isinstance(svc, DatabaseServiceConfig):
+            ttl, _ = svc.effective_lifetime(config)
+            db_settings = DatabaseOutputSettings(
+                name=svc.name or svc.type,
+                service=svc.service,
+                database=svc.database,
+                username=svc.username,
+                format=svc.format,
+                ttl=ttl,
+            )
+            services.append(DatabaseService(db_settings, build_destination(svc.destination)))
     return services
 
 

@@ -575,3 +575,137 @@ start.add_command(start_workload_identity_x509)
 start.add_command(start_workload_identity_jwt)
 configure.add_command(configure_workload_identity_x509)
 configure.add_command(configure_workload_identity_jwt)
+
+
+# --- application / database ---------------------------------------------------------------------
+
+
+def _routed_options(kind: str) -> Callable[[F], F]:
+    """tbot's flags of the application / database outputs (start_application.go etc.)."""
+
+    def decorate(func: F) -> F:
+        options = [
+            click.option(
+                "--destination",
+                required=True,
+                help="Where to write: a directory path, file:///path or memory://.",
+            ),
+        ]
+        if kind == "application":
+            options += [
+                click.option("--app", required=True, help="The name of the app to route to."),
+                click.option(
+                    "--specific-tls-extensions",
+                    is_flag=True,
+                    default=False,
+                    help="Also write tls.crt, tls.key and tls.cas.",
+                ),
+            ]
+        else:
+            options += [
+                click.option("--service", required=True, help="The database service to route to."),
+                click.option("--database", default="", help="The database name on the service."),
+                click.option("--username", default="", help="The database user."),
+                click.option(
+                    "--format",
+                    "db_format",
+                    default="",
+                    help='Extra artifacts: "" (none), tls or mongo (cockroach: not yet).',
+                ),
+            ]
+        options.append(click.option("--name", help="Service name (default <type>-N)."))
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+_ROUTED_FLAGS: dict[str, str] = {
+    "name": "--name",
+    "destination": "--destination",
+    "app_name": "--app",
+    "specific_tls_extensions": "--specific-tls-extensions",
+    "service": "--service",
+    "database": "--database",
+    "username": "--username",
+    "format": "--format",
+}
+
+
+def _with_routed(kind: str) -> WithService:
+    """The ``WithService`` of the ``application`` / ``database`` sub-commands."""
+    return lambda config, params: _with_routed_service(config, params, kind)
+
+
+def _with_routed_service(config: BotConfig, params: dict[str, Any], kind: str) -> BotConfig:
+    from pydantic import ValidationError
+
+    from tbot_py.config._checks import Loc
+    from tbot_py.config.loader import config_error_from_validation
+    from tbot_py.config.schema import ApplicationServiceConfig, DatabaseServiceConfig
+    from tbot_py.config.uri import destination_from_uri
+
+    data: dict[str, Any] = {
+        "type": kind,
+        "destination": destination_from_uri(params["destination"]).model_dump(),
+    }
+    model: type[ApplicationServiceConfig] | type[DatabaseServiceConfig]
+    if kind == "application":
+        data["app_name"] = params["app"]
+        data["specific_tls_extensions"] = bool(params.get("specific_tls_extensions"))
+        model = ApplicationServiceConfig
+    else:
+        data["service"] = params["service"]
+        data["database"] = params.get("database") or ""
+        data["username"] = params.get("username") or ""
+        data["format"] = params.get("db_format") or ""
+        model = DatabaseServiceConfig
+    if params.get("name") is not None:
+        data["name"] = params["name"]
+    try:
+        service = model.model_validate(data)
+    except ValidationError as exc:
+        flags: dict[Loc, str] = {(key,): flag for key, flag in _ROUTED_FLAGS.items()}
+        raise config_error_from_validation(exc, data, flags=flags) from None
+    return append_service(config, service)
+
+
+@click.command("application")
+@_config_options
+@_routed_options("application")
+def start_application(**params: Any) -> None:
+    """Start with an application output: a TLS certificate routed to one app."""
+    _start_with(params, _with_routed("application"))
+
+
+@click.command("database")
+@_config_options
+@_routed_options("database")
+def start_database(**params: Any) -> None:
+    """Start with a database output: a TLS certificate routed to one database service."""
+    _start_with(params, _with_routed("database"))
+
+
+@click.command("application")
+@_config_options
+@_routed_options("application")
+@_OUTPUT_OPTION
+def configure_application(**params: Any) -> None:
+    """Print the YAML for an application output."""
+    _configure_with(params, _with_routed("application"))
+
+
+@click.command("database")
+@_config_options
+@_routed_options("database")
+@_OUTPUT_OPTION
+def configure_database(**params: Any) -> None:
+    """Print the YAML for a database output."""
+    _configure_with(params, _with_routed("database"))
+
+
+start.add_command(start_application)
+start.add_command(start_database)
+configure.add_command(configure_application)
+configure.add_command(configure_database)

@@ -207,6 +207,12 @@ class ImpersonateRequest:
     role_requests: tuple[str, ...] = ()
     reissuable: bool = False
     route_to_cluster: str = ""
+    #: Route the certificate to one app (``application`` output) or database service
+    #: (``database`` output), as Teleport's RouteToApp / RouteToDatabase.
+    route_to_app: str = ""
+    route_to_db_service: str = ""
+    route_to_db_user: str = ""
+    route_to_db_name: str = ""
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = self.keys.to_json()
@@ -215,6 +221,10 @@ class ImpersonateRequest:
         doc["role_requests"] = list(self.role_requests)
         doc["reissuable"] = self.reissuable
         doc["route_to_cluster"] = self.route_to_cluster
+        for field_name in _ROUTE_FIELDS:
+            value = getattr(self, field_name)
+            if value:
+                doc[field_name] = value
         return doc
 
     @classmethod
@@ -232,7 +242,14 @@ class ImpersonateRequest:
             role_requests=tuple(roles),
             reissuable=reissuable,
             route_to_cluster=_str(obj, "route_to_cluster", required=False),
+            route_to_app=_str(obj, "route_to_app", required=False),
+            route_to_db_service=_str(obj, "route_to_db_service", required=False),
+            route_to_db_user=_str(obj, "route_to_db_user", required=False),
+            route_to_db_name=_str(obj, "route_to_db_name", required=False),
         )
+
+
+_ROUTE_FIELDS = ("route_to_app", "route_to_db_service", "route_to_db_user", "route_to_db_name")
 
 
 @dataclass(frozen=True)

@@ -406,12 +406,49 @@ class WorkloadIdentityJWTServiceConfig(_ServiceBase):
     audiences: Annotated[list[str], AfterValidator(_check_audiences)]
 
 
+def _check_required_name(value: str) -> str:
+    if not value.strip():
+        raise config_problem("must not be empty")
+    return value
+
+
+class ApplicationServiceConfig(_ServiceBase):
+    """An ``application`` output: a TLS client certificate routed to one app."""
+
+    type: Literal["application"] = "application"
+    destination: Destination
+    app_name: Annotated[str, AfterValidator(_check_required_name)]
+    specific_tls_extensions: bool = False
+
+
+def _check_database_format(value: object) -> object:
+    if value == "cockroach":
+        raise config_problem(
+            'format "cockroach" is not supported yet (it writes a subdirectory; '
+            'supported: "", tls, mongo)'
+        )
+    return value
+
+
+class DatabaseServiceConfig(_ServiceBase):
+    """A ``database`` output: a TLS client certificate routed to one database service."""
+
+    type: Literal["database"] = "database"
+    destination: Destination
+    service: Annotated[str, AfterValidator(_check_required_name)]
+    database: str = ""
+    username: str = ""
+    format: Annotated[Literal["", "tls", "mongo"], BeforeValidator(_check_database_format)] = ""
+
+
 # Add a model here and to the ServiceConfig union to support a new service type.
 SERVICE_MODELS: dict[str, type[_ServiceBase]] = {
     "identity": IdentityServiceConfig,
     "ssh_host": SSHHostServiceConfig,
     "workload-identity-x509": WorkloadIdentityX509ServiceConfig,
     "workload-identity-jwt": WorkloadIdentityJWTServiceConfig,
+    "application": ApplicationServiceConfig,
+    "database": DatabaseServiceConfig,
 }
 
 
@@ -436,7 +473,9 @@ ServiceConfig = Annotated[
     IdentityServiceConfig
     | SSHHostServiceConfig
     | WorkloadIdentityX509ServiceConfig
-    | WorkloadIdentityJWTServiceConfig,
+    | WorkloadIdentityJWTServiceConfig
+    | ApplicationServiceConfig
+    | DatabaseServiceConfig,
     Field(discriminator="type"),
     BeforeValidator(_check_service_type),
 ]

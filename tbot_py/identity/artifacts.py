@@ -38,7 +38,8 @@ class SSHConfigTarget:
     connection_upgrade: bool = False
 
 
-def _ca_pems(cas: Sequence[CertAuthority], ca_type: str) -> bytes:
+def ca_pems(cas: Sequence[CertAuthority], ca_type: str) -> bytes:
+    """The PEM TLS certificates of every CA of ``ca_type``, concatenated (tbot.md §4.2)."""
     return b"".join(pem for ca in cas if ca.type == ca_type for pem in ca.tls_certs)
 
 
@@ -68,7 +69,7 @@ def identity_output_files(
     """
     cluster = identity.cluster_name
     host_keys = host_ca_keys(cas, cluster)
-    files: dict[str, bytes] = {name: _ca_pems(cas, t) for t, name in _CA_FILES.items()}
+    files: dict[str, bytes] = {name: ca_pems(cas, t) for t, name in _CA_FILES.items()}
     files[ARTIFACT_TLS_CERT] = identity.tls_cert_pem
     files[ARTIFACT_SSH_CERT] = identity.ssh_cert
     files[ARTIFACT_PUBLIC_KEY] = identity.public_ssh_key

@@ -26,6 +26,11 @@ OID_IMPERSONATOR = ObjectIdentifier("1.3.9999.2.7")
 OID_DISALLOW_REISSUE = ObjectIdentifier("1.3.9999.2.9")
 OID_BOT_NAME = ObjectIdentifier("1.3.9999.2.18")
 OID_BOT_INSTANCE_ID = ObjectIdentifier("1.3.9999.2.20")
+# RouteToApp / RouteToDatabase (teleport-protocol.md, private OIDs).
+OID_APP_NAME = ObjectIdentifier("1.3.9999.1.10")
+OID_DB_SERVICE = ObjectIdentifier("1.3.9999.2.1")
+OID_DB_USER = ObjectIdentifier("1.3.9999.2.3")
+OID_DB_NAME = ObjectIdentifier("1.3.9999.2.4")
 
 # SSH certificate extensions (teleport-protocol.md §5.2).
 SSH_EXT_PERMIT_PTY = "permit-pty"
@@ -61,6 +66,10 @@ class TLSIdentity:
     disallow_reissue: bool = False
     bot_name: str = ""
     bot_instance_id: str = ""
+    route_to_app: str = ""
+    db_service: str = ""
+    db_user: str = ""
+    db_name: str = ""
 
     def to_subject(self) -> x509.Name:
         """Encode as an X.509 subject DN in Teleport's attribute layout."""
@@ -88,6 +97,14 @@ class TLSIdentity:
             extra.append((OID_BOT_NAME, self.bot_name))
         if self.bot_instance_id:
             extra.append((OID_BOT_INSTANCE_ID, self.bot_instance_id))
+        for oid, value in (
+            (OID_APP_NAME, self.route_to_app),
+            (OID_DB_SERVICE, self.db_service),
+            (OID_DB_USER, self.db_user),
+            (OID_DB_NAME, self.db_name),
+        ):
+            if value:
+                extra.append((oid, value))
         attrs += [x509.NameAttribute(oid, value) for oid, value in extra]
         return x509.Name(attrs)
 
@@ -121,6 +138,10 @@ class TLSIdentity:
             disallow_reissue=one(OID_DISALLOW_REISSUE) == "true",
             bot_name=one(OID_BOT_NAME),
             bot_instance_id=one(OID_BOT_INSTANCE_ID),
+            route_to_app=one(OID_APP_NAME),
+            db_service=one(OID_DB_SERVICE),
+            db_user=one(OID_DB_USER),
+            db_name=one(OID_DB_NAME),
         )
 
 

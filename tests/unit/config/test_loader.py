@@ -407,17 +407,16 @@ def test_unknown_service_type_lists_supported_types() -> None:
     err = error_for("version: v2\nservices:\n  - type: foo\n    destination: {type: memory}\n")
     assert str(err) == (
         f'{SOURCE}:3: services[0].type: unknown service type "foo" (supported: identity, ssh_host, '
-        "workload-identity-x509, workload-identity-jwt)"
+        "workload-identity-x509, workload-identity-jwt, application, database)"
     )
 
 
 def test_known_but_unsupported_service_type_says_not_supported_yet() -> None:
-    err = error_for(
-        "version: v2\nservices:\n  - destination: {type: memory}\n    type: application\n"
-    )
+    err = error_for("version: v2\nservices:\n  - destination: {type: memory}\n    type: vnet\n")
     assert str(err) == (
-        f'{SOURCE}:4: services[0].type: service type "application" is not supported yet '
-        "(supported: identity, ssh_host, workload-identity-x509, workload-identity-jwt)"
+        f'{SOURCE}:4: services[0].type: service type "vnet" is not supported yet '
+        "(supported: identity, ssh_host, workload-identity-x509, workload-identity-jwt, "
+        "application, database)"
     )
 
 
@@ -425,7 +424,7 @@ def test_service_without_type_is_an_error() -> None:
     err = error_for("version: v2\nservices:\n  - destination: {type: memory}\n")
     assert str(err) == (
         f'{SOURCE}:3: services[0]: missing required key "type" (one of: identity, ssh_host, '
-        "workload-identity-x509, workload-identity-jwt)"
+        "workload-identity-x509, workload-identity-jwt, application, database)"
     )
 
 
