@@ -486,15 +486,6 @@ def _selector_from_flags(params: dict[str, Any]) -> dict[str, Any]:
     return {"labels": labels}
 
 
-_WORKLOAD_FLAGS: dict[str, str] = {
-    "name": "--name",
-    "destination": "--destination",
-    "selector": "--name-selector/--label-selector",
-    "include_federated_trust_bundles": "--include-federated-trust-bundles",
-    "audiences": "--audience",
-}
-
-
 def _with_workload_identity(kind: str) -> WithService:
     """The ``WithService`` of the ``kind`` workload identity sub-commands."""
     return lambda config, params: _with_workload_identity_service(config, params, kind)
@@ -503,37 +494,16 @@ def _with_workload_identity(kind: str) -> WithService:
 def _with_workload_identity_service(
     config: BotConfig, params: dict[str, Any], kind: str
 ) -> BotConfig:
-    from pydantic import ValidationError
+    from tbot_py.config.overrides import service_from_flags
 
-    from tbot_py.config._checks import Loc
-    from tbot_py.config.loader import config_error_from_validation
-    from tbot_py.config.schema import (
-        WorkloadIdentityJWTServiceConfig,
-        WorkloadIdentityX509ServiceConfig,
-    )
-    from tbot_py.config.uri import destination_from_uri
-
-    data: dict[str, Any] = {
-        "type": kind,
-        "destination": destination_from_uri(params["destination"]).model_dump(),
-        "selector": _selector_from_flags(params),
-    }
-    model: type[WorkloadIdentityX509ServiceConfig] | type[WorkloadIdentityJWTServiceConfig]
+    fields: dict[str, Any] = {"selector": _selector_from_flags(params)}
     if kind == "workload-identity-jwt":
-        data["audiences"] = list(params.get("audiences") or ())
-        model = WorkloadIdentityJWTServiceConfig
+        fields["audiences"] = list(params.get("audiences") or ())
     else:
-        data["include_federated_trust_bundles"] = bool(
+        fields["include_federated_trust_bundles"] = bool(
             params.get("include_federated_trust_bundles")
         )
-        model = WorkloadIdentityX509ServiceConfig
-    if params.get("name") is not None:
-        data["name"] = params["name"]
-    try:
-        service = model.model_validate(data)
-    except ValidationError as exc:
-        flags: dict[Loc, str] = {(key,): flag for key, flag in _WORKLOAD_FLAGS.items()}
-        raise config_error_from_validation(exc, data, flags=flags) from None
+    service = service_from_flags(kind, params["destination"], fields, name=params.get("name"))
     return append_service(config, service)
 
 
@@ -621,53 +591,28 @@ def _routed_options(kind: str) -> Callable[[F], F]:
     return decorate
 
 
-_ROUTED_FLAGS: dict[str, str] = {
-    "name": "--name",
-    "destination": "--destination",
-    "app_name": "--app",
-    "specific_tls_extensions": "--specific-tls-extensions",
-    "service": "--service",
-    "database": "--database",
-    "username": "--username",
-    "format": "--format",
-}
-
-
 def _with_routed(kind: str) -> WithService:
     """The ``WithService`` of the ``application`` / ``database`` sub-commands."""
     return lambda config, params: _with_routed_service(config, params, kind)
 
 
 def _with_routed_service(config: BotConfig, params: dict[str, Any], kind: str) -> BotConfig:
-    from pydantic import ValidationError
+    from tbot_py.config.overrides import service_from_flags
 
-    from tbot_py.config._checks import Loc
-    from tbot_py.config.loader import config_error_from_validation
-    from tbot_py.config.schema import ApplicationServiceConfig, DatabaseServiceConfig
-    from tbot_py.config.uri import destination_from_uri
-
-    data: dict[str, Any] = {
-        "type": kind,
-        "destination": destination_from_uri(params["destination"]).model_dump(),
-    }
-    model: type[ApplicationServiceConfig] | type[DatabaseServiceConfig]
+    fields: dict[str, Any]
     if kind == "application":
-        data["app_name"] = params["app"]
-        data["specific_tls_extensions"] = bool(params.get("specific_tls_extensions"))
-        model = ApplicationServiceConfig
+        fields = {
+            "app_name": params["app"],
+            "specific_tls_extensions": bool(params.get("specific_tls_extensions")),
+        }
     else:
-        data["service"] = params["service"]
-        data["database"] = params.get("database") or ""
-        data["username"] = params.get("username") or ""
-        data["format"] = params.get("db_format") or ""
-        model = DatabaseServiceConfig
-    if params.get("name") is not None:
-        data["name"] = params["name"]
-    try:
-        service = model.model_validate(data)
-    except ValidationError as exc:
-        flags: dict[Loc, str] = {(key,): flag for key, flag in _ROUTED_FLAGS.items()}
-        raise config_error_from_validation(exc, data, flags=flags) from None
+        fields = {
+            "service": params["service"],
+            "database": params.get("database") or "",
+            "username": params.get("username") or "",
+            "format": params.get("db_format") or "",
+        }
+    service = service_from_flags(kind, params["destination"], fields, name=params.get("name"))
     return append_service(config, service)
 
 

@@ -8,9 +8,9 @@ each other (``--ca-pin`` drops ca_path, ``--ca-path`` drops ca_pins, ``--insecur
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
@@ -26,6 +26,7 @@ from tbot_py.config.duration import InvalidDurationError, format_duration, parse
 from tbot_py.config.loader import config_error_from_validation, validate_config_data
 from tbot_py.config.render import config_to_data, service_to_data
 from tbot_py.config.schema import (
+    SERVICE_MODELS,
     BotConfig,
     IdentityServiceConfig,
     ServiceConfig,
@@ -43,6 +44,15 @@ _SERVICE_FLAGS: dict[str, str] = {
     "allow_reissue": "--allow-reissue",
     "ssh_config": "--ssh-config",
     "principals": "--principals",
+    "selector": "--name-selector/--label-selector",
+    "include_federated_trust_bundles": "--include-federated-trust-bundles",
+    "audiences": "--audience",
+    "app_name": "--app",
+    "specific_tls_extensions": "--specific-tls-extensions",
+    "service": "--service",
+    "database": "--database",
+    "username": "--username",
+    "format": "--format",
 }
 
 
@@ -126,6 +136,34 @@ def _apply_onboarding(edit: _Edit, flags: CLIOverrides) -> None:
             edit.drop(("onboarding", "ca_path"), "--insecure")
 
 
+def service_from_flags(
+    service_type: str,
+    destination_uri: str,
+    fields: Mapping[str, Any],
+    *,
+    name: str | None = None,
+) -> ServiceConfig:
+    """A ``service_type`` service from ``start <type>``/``configure <type>`` flags.
+
+    ``fields`` are the service's own keys; a value that fails validation is reported
+    against the flag that set it (``_SERVICE_FLAGS``).
+    """
+    data: dict[str, Any] = {
+        "type": service_type,
+        "destination": destination_from_uri(destination_uri).model_dump(),
+        **fields,
+    }
+    if name is not None:
+        data["name"] = name
+    try:
+        # SERVICE_MODELS maps each type to its own member of the ServiceConfig union.
+        return cast("ServiceConfig", SERVICE_MODELS[service_type].model_validate(data))
+    except ValidationError as exc:
+        flags: dict[Loc, str] = {(key,): flag for key, flag in _SERVICE_FLAGS.items()}
+        failure = config_error_from_validation(exc, data, flags=flags)
+    raise failure
+
+
 def identity_service_from_flags(
     destination_uri: str,
     *,
@@ -135,40 +173,20 @@ def identity_service_from_flags(
     name: str | None = None,
 ) -> IdentityServiceConfig:
     """An ``identity`` service from ``start identity``/``configure identity`` flags."""
-    data: dict[str, Any] = {
-        "type": "identity",
-        "destination": destination_from_uri(destination_uri).model_dump(),
-        "roles": list(roles),
-        "allow_reissue": allow_reissue,
-        "ssh_config": ssh_config,
-    }
-    if name is not None:
-        data["name"] = name
-    try:
-        return IdentityServiceConfig.model_validate(data)
-    except ValidationError as exc:
-        flags: dict[Loc, str] = {(key,): flag for key, flag in _SERVICE_FLAGS.items()}
-        failure = config_error_from_validation(exc, data, flags=flags)
-    raise failure
+    fields = {"roles": list(roles), "allow_reissue": allow_reissue, "ssh_config": ssh_config}
+    service = service_from_flags("identity", destination_uri, fields, name=name)
+    assert isinstance(service, IdentityServiceConfig)
+    return service
 
 
 def ssh_host_service_from_flags(
     destination_uri: str, *, principals: Iterable[str], name: str | None = None
 ) -> SSHHostServiceConfig:
     """An ``ssh_host`` service from ``start ssh-host``/``configure ssh-host`` flags."""
-    data: dict[str, Any] = {
-        "type": "ssh_host",
-        "destination": destination_from_uri(destination_uri).model_dump(),
-        "principals": list(principals),
-    }
-    if name is not None:
-        data["name"] = name
-    try:
-        return SSHHostServiceConfig.model_validate(data)
-    except ValidationError as exc:
-        flags: dict[Loc, str] = {(key,): flag for key, flag in _SERVICE_FLAGS.items()}
-        failure = config_error_from_validation(exc, data, flags=flags)
-    raise failure
+    fields = {"principals": list(principals)}
+    service = service_from_flags("ssh_host", destination_uri, fields, name=name)
+    assert isinstance(service, SSHHostServiceConfig)
+    return service
 
 
 def append_service(config: BotConfig, service: ServiceConfig) -> BotConfig:
