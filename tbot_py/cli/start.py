@@ -345,29 +345,6 @@ def _configure_with(params: dict[str, Any], with_service: WithService) -> None:
     _print_config(with_service(_build_config(params, load_file=False), params), params)
 
 
-@click.command("identity")
-@_config_options
-@_identity_options
-def start_identity(**params: Any) -> None:
-    """Start with an identity output (for ssh, tsh and curl); aliases: ssh, id."""
-    _start_with(params, _with_identity_service)
-
-
-for _alias in ("identity", "ssh", "id"):
-    start.add_command(start_identity, _alias)
-
-
-@click.command("ssh-host")
-@_config_options
-@_ssh_host_options
-def start_ssh_host(**params: Any) -> None:
-    """Start with an ssh_host output: a host key and certificate for an OpenSSH server."""
-    _start_with(params, _with_ssh_host_service)
-
-
-start.add_command(start_ssh_host)
-
-
 _OUTPUT_OPTION = click.option(
     "-o",
     "--output",
@@ -379,15 +356,6 @@ _OUTPUT_OPTION = click.option(
 @click.group()
 def configure() -> None:
     """Print the config file equivalent to `start <type>` flags."""
-
-
-@click.command("identity")
-@_config_options
-@_identity_options
-@_OUTPUT_OPTION
-def configure_identity(**params: Any) -> None:
-    """Print the YAML for an identity output; aliases: ssh, id."""
-    _configure_with(params, _with_identity_service)
 
 
 def _print_config(config: BotConfig, params: dict[str, Any]) -> None:
@@ -406,20 +374,51 @@ def _print_config(config: BotConfig, params: dict[str, Any]) -> None:
     log.info("wrote %s", path)
 
 
-for _alias in ("identity", "ssh", "id"):
-    configure.add_command(configure_identity, _alias)
+def _add_output(
+    name: str,
+    options: Callable[[Callable[..., Any]], Callable[..., Any]],
+    with_service: WithService,
+    *,
+    start_help: str,
+    configure_help: str,
+    aliases: tuple[str, ...] = (),
+) -> None:
+    """Register ``start NAME`` and ``configure NAME`` (and ``aliases``) for one output type.
+
+    Both take the common options and the output's own ``options``; ``configure`` also
+    takes ``-o``. ``with_service`` adds the output those flags describe.
+    """
+
+    def run(**params: Any) -> None:
+        _start_with(params, with_service)
+
+    def show(**params: Any) -> None:
+        _configure_with(params, with_service)
+
+    start_command = click.command(name, help=start_help)(_config_options(options(run)))
+    configure_command = click.command(name, help=configure_help)(
+        _config_options(options(_OUTPUT_OPTION(show)))
+    )
+    for alias in (name, *aliases):
+        start.add_command(start_command, alias)
+        configure.add_command(configure_command, alias)
 
 
-@click.command("ssh-host")
-@_config_options
-@_ssh_host_options
-@_OUTPUT_OPTION
-def configure_ssh_host(**params: Any) -> None:
-    """Print the YAML for an ssh_host output."""
-    _configure_with(params, _with_ssh_host_service)
-
-
-configure.add_command(configure_ssh_host)
+_add_output(
+    "identity",
+    _identity_options,
+    _with_identity_service,
+    start_help="Start with an identity output (for ssh, tsh and curl); aliases: ssh, id.",
+    configure_help="Print the YAML for an identity output; aliases: ssh, id.",
+    aliases=("ssh", "id"),
+)
+_add_output(
+    "ssh-host",
+    _ssh_host_options,
+    _with_ssh_host_service,
+    start_help="Start with an ssh_host output: a host key and certificate for an OpenSSH server.",
+    configure_help="Print the YAML for an ssh_host output.",
+)
 
 
 # --- workload-identity-x509 / workload-identity-jwt ---------------------------------------------
@@ -507,44 +506,20 @@ def _with_workload_identity_service(
     return append_service(config, service)
 
 
-@click.command("workload-identity-x509")
-@_config_options
-@_workload_identity_options(jwt=False)
-def start_workload_identity_x509(**params: Any) -> None:
-    """Start with a workload-identity-x509 output: an X.509 SVID, its key and the bundle."""
-    _start_with(params, _with_workload_identity("workload-identity-x509"))
-
-
-@click.command("workload-identity-jwt")
-@_config_options
-@_workload_identity_options(jwt=True)
-def start_workload_identity_jwt(**params: Any) -> None:
-    """Start with a workload-identity-jwt output: a JWT-SVID for the audiences."""
-    _start_with(params, _with_workload_identity("workload-identity-jwt"))
-
-
-@click.command("workload-identity-x509")
-@_config_options
-@_workload_identity_options(jwt=False)
-@_OUTPUT_OPTION
-def configure_workload_identity_x509(**params: Any) -> None:
-    """Print the YAML for a workload-identity-x509 output."""
-    _configure_with(params, _with_workload_identity("workload-identity-x509"))
-
-
-@click.command("workload-identity-jwt")
-@_config_options
-@_workload_identity_options(jwt=True)
-@_OUTPUT_OPTION
-def configure_workload_identity_jwt(**params: Any) -> None:
-    """Print the YAML for a workload-identity-jwt output."""
-    _configure_with(params, _with_workload_identity("workload-identity-jwt"))
-
-
-start.add_command(start_workload_identity_x509)
-start.add_command(start_workload_identity_jwt)
-configure.add_command(configure_workload_identity_x509)
-configure.add_command(configure_workload_identity_jwt)
+_add_output(
+    "workload-identity-x509",
+    _workload_identity_options(jwt=False),
+    _with_workload_identity("workload-identity-x509"),
+    start_help="Start with a workload-identity-x509 output: an X.509 SVID, its key and the bundle.",
+    configure_help="Print the YAML for a workload-identity-x509 output.",
+)
+_add_output(
+    "workload-identity-jwt",
+    _workload_identity_options(jwt=True),
+    _with_workload_identity("workload-identity-jwt"),
+    start_help="Start with a workload-identity-jwt output: a JWT-SVID for the audiences.",
+    configure_help="Print the YAML for a workload-identity-jwt output.",
+)
 
 
 # --- application / database ---------------------------------------------------------------------
@@ -616,41 +591,17 @@ def _with_routed_service(config: BotConfig, params: dict[str, Any], kind: str) -
     return append_service(config, service)
 
 
-@click.command("application")
-@_config_options
-@_routed_options("application")
-def start_application(**params: Any) -> None:
-    """Start with an application output: a TLS certificate routed to one app."""
-    _start_with(params, _with_routed("application"))
-
-
-@click.command("database")
-@_config_options
-@_routed_options("database")
-def start_database(**params: Any) -> None:
-    """Start with a database output: a TLS certificate routed to one database service."""
-    _start_with(params, _with_routed("database"))
-
-
-@click.command("application")
-@_config_options
-@_routed_options("application")
-@_OUTPUT_OPTION
-def configure_application(**params: Any) -> None:
-    """Print the YAML for an application output."""
-    _configure_with(params, _with_routed("application"))
-
-
-@click.command("database")
-@_config_options
-@_routed_options("database")
-@_OUTPUT_OPTION
-def configure_database(**params: Any) -> None:
-    """Print the YAML for a database output."""
-    _configure_with(params, _with_routed("database"))
-
-
-start.add_command(start_application)
-start.add_command(start_database)
-configure.add_command(configure_application)
-configure.add_command(configure_database)
+_add_output(
+    "application",
+    _routed_options("application"),
+    _with_routed("application"),
+    start_help="Start with an application output: a TLS certificate routed to one app.",
+    configure_help="Print the YAML for an application output.",
+)
+_add_output(
+    "database",
+    _routed_options("database"),
+    _with_routed("database"),
+    start_help="Start with a database output: a TLS certificate routed to one database service.",
+    configure_help="Print the YAML for a database output.",
+)
