@@ -28,13 +28,9 @@ from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AlreadyExists, BadParameter, NotFound
 from tbot_py.authservice.instances_store import BotInstanceRecord
 from tbot_py.authservice.locks import Lock
+from tbot_py.authservice.resource_kinds import KINDS, R, Resource, ResourceKind
 from tbot_py.authservice.roles import NAME_RE, Role, parse_role_yaml
 from tbot_py.authservice.tokens_store import JOIN_METHOD_TOKEN, TokenRecord
-from tbot_py.authservice.workload_identities import (
-    KIND_WORKLOAD_IDENTITY,
-    WorkloadIdentity,
-    parse_workload_identity_yaml,
-)
 from tbot_py.client.wire import format_time
 from tbot_py.config._checks import read_text_file
 from tbot_py.config.duration import InvalidDurationError, parse_duration
@@ -50,7 +46,6 @@ _TOKEN_ID_RE = re.compile(r"^[0-9a-f]{4,64}$")
 _INSTANCE_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,64}$")
 # What ``auth get`` and ``auth rm`` accept: ``role/NAME``, or ``roles`` for all of them.
 _ROLE_KINDS = ("role", "roles")
-_WORKLOAD_IDENTITY_KINDS = (KIND_WORKLOAD_IDENTITY, "workload_identities")
 
 
 @dataclass(frozen=True)
@@ -342,13 +337,18 @@ def delete_role(cluster: Cluster, name: str) -> None:
     audit.emit(cluster, "admin.role.rm", resource=f"role/{name}")
 
 
-def read_resource_file(path: Path) -> Role | WorkloadIdentity:
-    """Read a role or workload_identity YAML file, by its ``kind``. Raises ConfigError etc."""
+def read_resource_file(path: Path) -> Role | Resource:
+    """Read a role, workload_identity or token YAML file, by its ``kind``.
+
+    Raises ConfigError for a bad document, BadParameter for an unreadable file.
+    """
     text, problem = read_text_file(path)
     if text is None:
         raise BadParameter(f"resource file {path} {problem}")
-    if resource_kind(text) == KIND_WORKLOAD_IDENTITY:
-        return parse_workload_identity_yaml(text, source=str(path))
+    kind = KINDS.get(resource_kind(text) or "")
+    if kind is not None:
+        parsed: Resource = kind.parse_yaml(text, str(path))
+        return parsed
     return parse_role_yaml(text, source=str(path))
 
 
@@ -362,37 +362,41 @@ def resource_kind(text: str) -> str | None:
     return kind if isinstance(kind, str) else None
 
 
-def create_workload_identity(
-    cluster: Cluster, resource: WorkloadIdentity, *, force: bool = False
-) -> bool:
-    """Store ``resource``; True when it replaced one (only with ``force``)."""
+def kind_of(resource: Resource) -> ResourceKind[Any]:
+    """The :class:`ResourceKind` of a parsed resource (by its ``kind`` field)."""
+    return KINDS[resource.to_json()["kind"]]
+
+
+def create_resource(cluster: Cluster, resource: Resource, *, force: bool = False) -> bool:
+    """Store a workload identity or join token; True when it replaced one (only with ``force``)."""
+    kind = kind_of(resource)
     now = datetime.now(UTC)
     try:
-        replaced = cluster.storage.workload_identities.put(resource, now, overwrite=force)
+        replaced = kind.store(cluster.storage).put(resource, now, overwrite=force)
     except AlreadyExists as exc:
         raise AlreadyExists(f"{exc.message}; use --force to replace it") from None
-    event = "admin.workload_identity.update" if replaced else "admin.workload_identity.create"
-    audit.emit(cluster, event, resource=f"workload_identity/{resource.name}", now=now)
+    event = f"admin.{kind.kind}.{'update' if replaced else 'create'}"
+    audit.emit(cluster, event, resource=kind.audit_resource(resource.name), now=now)
     return replaced
 
 
-def get_workload_identity(cluster: Cluster, name: str) -> WorkloadIdentity:
-    """The workload identity called ``name``; NotFound when there is none."""
-    resource = cluster.storage.workload_identities.get(name)
-    if resource is None:
-        raise NotFound(f'workload identity "{name}" not found')
-    return resource
+def get_resource(cluster: Cluster, kind: ResourceKind[R], name: str) -> R:
+    """The resource of ``kind`` called ``name``; NotFound when there is none."""
+    found = kind.store(cluster.storage).get(name)
+    if found is None:
+        raise NotFound(f'{kind.title} "{name}" not found')
+    return found
 
 
-def list_workload_identities(cluster: Cluster) -> list[WorkloadIdentity]:
-    """Every workload identity, by name."""
-    return cluster.storage.workload_identities.list_all()
+def list_resources(cluster: Cluster, kind: ResourceKind[R]) -> list[R]:
+    """Every resource of ``kind``, by name."""
+    return kind.store(cluster.storage).list_all()
 
 
-def delete_workload_identity(cluster: Cluster, name: str) -> None:
-    """Delete a workload identity; NotFound when there is none."""
-    cluster.storage.workload_identities.delete(name)
-    audit.emit(cluster, "admin.workload_identity.rm", resource=f"workload_identity/{name}")
+def delete_resource(cluster: Cluster, kind: ResourceKind[Any], name: str) -> None:
+    """Delete a resource of ``kind``; NotFound when there is none."""
+    kind.store(cluster.storage).delete(name)
+    audit.emit(cluster, f"admin.{kind.kind}.rm", resource=kind.audit_resource(name))
 
 
 def add_lock(
@@ -475,15 +479,16 @@ def render_admin_identity(
 def parse_resource_ref(text: str) -> tuple[str, str | None]:
     """``role/NAME`` as ``("role", NAME)``; ``roles`` (or ``role``) as ``("role", None)``.
 
-    Likewise ``workload_identity/NAME`` and ``workload_identities``.
+    Likewise ``workload_identity/NAME`` and ``workload_identities``, ``token/NAME`` and
+    ``tokens``: the first element is the ``kind``.
     """
     kind, slash, name = text.partition("/")
-    if (slash and not name) or kind not in (*_ROLE_KINDS, *_WORKLOAD_IDENTITY_KINDS):
+    if (slash and not name) or kind not in (*_ROLE_KINDS, *KINDS):
         raise BadParameter(
             f"unsupported resource {text[:80]!r}: use role/NAME, roles, "
-            "workload_identity/NAME or workload_identities"
+            "workload_identity/NAME, workload_identities, token/NAME or tokens"
         )
-    return ("role" if kind in _ROLE_KINDS else KIND_WORKLOAD_IDENTITY), name or None
+    return ("role" if kind in _ROLE_KINDS else KINDS[kind].kind), name or None
 
 
 def _lock_target(bot: str | None, instance: str | None) -> tuple[str, str]:

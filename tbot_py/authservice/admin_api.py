@@ -11,7 +11,7 @@ JSON the local commands print with ``--format json``.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -21,8 +21,8 @@ from tbot_py.authservice import admin, audit
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import AccessDenied, BadParameter
 from tbot_py.authservice.mtls import check_admin_certificate
+from tbot_py.authservice.resource_kinds import ALL_KINDS, ResourceKind
 from tbot_py.authservice.roles import parse_role_yaml
-from tbot_py.authservice.workload_identities import parse_workload_identity_yaml
 from tbot_py.errors import ConfigError
 
 PREFIX = "/v1/admin"
@@ -30,6 +30,7 @@ PREFIX = "/v1/admin"
 T = TypeVar("T")
 Clock = Callable[[], datetime]
 ReadJSON = Callable[[web.Request], Any]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 class AdminAPI:
@@ -199,37 +200,43 @@ class AdminAPI:
         await self._run(request, lambda: admin.delete_role(self.cluster, name))
         return web.json_response({"name": name})
 
-    async def create_workload_identity(self, request: web.Request) -> web.Response:
-        """``POST workload_identities`` {yaml, force}: {name, replaced}."""
-        body = await self._body(request)
-        force = body.get("force", False)
-        if not isinstance(force, bool):
-            raise BadParameter("force must be true or false")
-        try:
-            resource = parse_workload_identity_yaml(_text(body, "yaml"), source="<request>")
-        except ConfigError as exc:
-            raise BadParameter(str(exc)) from None
-        replaced = await self._run(
-            request, lambda: admin.create_workload_identity(self.cluster, resource, force=force)
-        )
-        return web.json_response({"name": resource.name, "replaced": replaced})
+    def resource_handlers(self, kind: ResourceKind[Any]) -> dict[str, Handler]:
+        """The handlers of one stored kind under ``/v1/admin/<kind.api_path>``.
 
-    async def list_workload_identities(self, request: web.Request) -> web.Response:
-        """``GET workload_identities``: as ``get workload_identities --format json``."""
-        found = await self._run(request, lambda: admin.list_workload_identities(self.cluster))
-        return web.json_response([resource.to_json() for resource in found])
+        ``POST`` {yaml, force} → {name, replaced}; ``GET`` → the list as ``get PLURAL
+        --format json``; ``GET /{name}`` → {<kind>: JSON form, yaml: YAML form};
+        ``DELETE /{name}`` → {name}.
+        """
 
-    async def get_workload_identity(self, request: web.Request) -> web.Response:
-        """``GET workload_identities/{name}``: {workload_identity: JSON form, yaml: YAML form}."""
-        name = request.match_info["name"]
-        found = await self._run(request, lambda: admin.get_workload_identity(self.cluster, name))
-        return web.json_response({"workload_identity": found.to_json(), "yaml": found.to_yaml()})
+        async def create(request: web.Request) -> web.Response:
+            body = await self._body(request)
+            force = body.get("force", False)
+            if not isinstance(force, bool):
+                raise BadParameter("force must be true or false")
+            try:
+                resource = kind.parse_yaml(_text(body, "yaml"), "<request>")
+            except ConfigError as exc:
+                raise BadParameter(str(exc)) from None
+            replaced = await self._run(
+                request, lambda: admin.create_resource(self.cluster, resource, force=force)
+            )
+            return web.json_response({"name": resource.name, "replaced": replaced})
 
-    async def delete_workload_identity(self, request: web.Request) -> web.Response:
-        """``DELETE workload_identities/{name}``."""
-        name = request.match_info["name"]
-        await self._run(request, lambda: admin.delete_workload_identity(self.cluster, name))
-        return web.json_response({"name": name})
+        async def list_all(request: web.Request) -> web.Response:
+            found = await self._run(request, lambda: admin.list_resources(self.cluster, kind))
+            return web.json_response([resource.to_json() for resource in found])
+
+        async def get(request: web.Request) -> web.Response:
+            name = request.match_info["name"]
+            found = await self._run(request, lambda: admin.get_resource(self.cluster, kind, name))
+            return web.json_response({kind.kind: found.to_json(), "yaml": found.to_yaml()})
+
+        async def delete(request: web.Request) -> web.Response:
+            name = request.match_info["name"]
+            await self._run(request, lambda: admin.delete_resource(self.cluster, kind, name))
+            return web.json_response({"name": name})
+
+        return {"create": create, "list": list_all, "get": get, "delete": delete}
 
 
 def add_admin_routes(app: web.Application, api: AdminAPI) -> None:
@@ -250,10 +257,12 @@ def add_admin_routes(app: web.Application, api: AdminAPI) -> None:
     router.add_get(f"{PREFIX}/roles", api.list_roles)
     router.add_get(f"{PREFIX}/roles/{{name}}", api.get_role)
     router.add_delete(f"{PREFIX}/roles/{{name}}", api.delete_role)
-    router.add_post(f"{PREFIX}/workload_identities", api.create_workload_identity)
-    router.add_get(f"{PREFIX}/workload_identities", api.list_workload_identities)
-    router.add_get(f"{PREFIX}/workload_identities/{{name}}", api.get_workload_identity)
-    router.add_delete(f"{PREFIX}/workload_identities/{{name}}", api.delete_workload_identity)
+    for kind in ALL_KINDS:
+        handlers = api.resource_handlers(kind)
+        router.add_post(f"{PREFIX}/{kind.api_path}", handlers["create"])
+        router.add_get(f"{PREFIX}/{kind.api_path}", handlers["list"])
+        router.add_get(f"{PREFIX}/{kind.api_path}/{{name}}", handlers["get"])
+        router.add_delete(f"{PREFIX}/{kind.api_path}/{{name}}", handlers["delete"])
 
 
 def _optional_text(body: dict[str, Any], key: str) -> str | None:

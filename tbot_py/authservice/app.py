@@ -53,10 +53,13 @@ from tbot_py.authservice.errors import (
     GenerationMismatch,
     StorageBusy,
 )
+from tbot_py.authservice.idtoken import IDTokenRejected
 from tbot_py.authservice.instances_store import admit_instance
+from tbot_py.authservice.join_tokens import JoinToken, get_join_token
+from tbot_py.authservice.jwks import JWKSCache, check_id_token
 from tbot_py.authservice.mtls import BotCaller, check_bot_certificate
 from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
-from tbot_py.authservice.roles import Role
+from tbot_py.authservice.roles import NAME_RE, Role
 from tbot_py.authservice.roles_store import get_roles, role_not_found
 from tbot_py.authservice.tokens_store import TOKEN_NOT_VALID
 from tbot_py.authservice.workload_identities import (
@@ -168,6 +171,8 @@ class AuthAPI:
         self.join_limiter = join_limiter if join_limiter is not None else SourceRateLimiter()
         self.audit_log = audit.AuditLog(audit.audit_log_path(cluster.data_dir))
         self.callers = VerifiedCallers(cluster.cas)
+        #: The signing keys of OIDC issuers, fetched and cached for the delegated joins.
+        self.issuer_keys = JWKSCache()
 
     # -- unauthenticated ------------------------------------------------------------
 
@@ -207,6 +212,18 @@ class AuthAPI:
             expires = ca.grant_expiry(req.expires, now)
             if not req.token:
                 raise AccessDenied(TOKEN_NOT_VALID)
+            resource = await self._join_token_resource(req.token)
+            if resource is not None:
+                certs = await self._join_delegated(
+                    request,
+                    req,
+                    resource,
+                    public_key=public_key,
+                    expires=expires,
+                    now=now,
+                    fields=fields,
+                )
+                return web.json_response(certs.to_json())
             instance_id = str(uuid.uuid4())
             # The token is found by an SQL equality on its SHA-256, not compared in
             # Python. Timing can leak at most how much of the *hash* matched, and the
@@ -235,6 +252,109 @@ class AuthAPI:
             fields["expires"] = wire.format_time(expires)
         return web.json_response(certs.to_json())
 
+    async def _join_token_resource(self, token: str) -> JoinToken | None:
+        """The OIDC token resource named ``token``, or None (then it is a secret token).
+
+        One indexed read. A secret token is 256 random bits, so it does not name a
+        resource by accident; a value no resource name could have is not looked up.
+        """
+        if not NAME_RE.match(token):
+            return None
+        return await self._read(lambda conn: get_join_token(conn, token))
+
+    async def _join_delegated(
+        self,
+        request: web.Request,
+        req: wire.RegisterUsingTokenRequest,
+        resource: JoinToken,
+        *,
+        public_key: keys.PublicKey,
+        expires: datetime,
+        now: datetime,
+        fields: dict[str, Any],
+    ) -> wire.Certs:
+        """A join with an OIDC token resource: verify the ID token, then keep or start an instance.
+
+        A bot re-joining presents its own current certificate over mTLS and keeps its
+        instance ID (tbot.md §7.2). The certificates are not renewable: the bot joins
+        again, with a fresh ID token, for every renewal.
+        """
+        method = resource.join_method
+        fields.update(resource=f"token/{resource.name}", join_method=method)
+        if resource.expires is not None and now >= resource.expires:
+            raise AccessDenied(
+                f'join token "{resource.name}" expired at {wire.format_time(resource.expires)}'
+            )
+        if not req.id_token:
+            raise AccessDenied(
+                f'join token "{resource.name}" uses join method {method}: '
+                "the request carries no id_token"
+            )
+        try:
+            attributes = await check_id_token(
+                resource, req.id_token, self.issuer_keys, cluster_name=self.cluster.name, now=now
+            )
+        except IDTokenRejected as exc:
+            raise AccessDenied(f'join token "{resource.name}" ({method}): {exc.message}') from None
+        fields["bot"] = resource.bot_name
+        fields.update({f"claim.{name}": value for name, value in attributes.claims.items()})
+        presented = self._presented_identity(request, now, resource)
+        joined = await asyncio.to_thread(
+            self.cluster.storage.instances.join_delegated,
+            resource.bot_name,
+            new_instance_id=str(uuid.uuid4()),
+            presented=presented,
+            now=now,
+        )
+        fields.update(instance=joined.instance_id, generation=joined.generation)
+        if presented is not None:
+            fields["rejoin"] = joined.instance_id == presented[0]
+        if joined.stale:
+            # Not enforced for delegated methods (Teleport logs it too): each join
+            # proves itself with a fresh ID token.
+            log.warning(
+                "bot.join bot=%s instance=%s presented generation %d, stored %d: "
+                "two processes may share this bot's storage",
+                resource.bot_name,
+                joined.instance_id,
+                presented[1] if presented else 0,
+                joined.generation - 1,
+            )
+        bot = joined.bot
+        stored = await self._read(lambda conn: get_roles(conn, bot.roles))
+        roles = _granted(bot, bot.roles, stored, required=False)
+        certs = ca.issue_bot_identity(
+            self.cluster.cas,
+            certificate_profile(bot, roles),
+            instance_id=joined.instance_id,
+            generation=joined.generation,
+            public_key=public_key,
+            expires=expires,
+            now=now,
+            renewable=False,
+        )
+        fields["expires"] = wire.format_time(expires)
+        return certs
+
+    def _presented_identity(
+        self, request: web.Request, now: datetime, resource: JoinToken
+    ) -> tuple[str, int] | None:
+        """(instance ID, generation) of the bot certificate the re-joining caller presents.
+
+        None without a client certificate. A certificate of another bot, or one that
+        is not a bot's own, is refused rather than ignored.
+        """
+        der = _peer_certificate(request)
+        if der is None:
+            return None
+        identity = self.callers.check(der, now).identity
+        if identity.bot_name != resource.bot_name:
+            raise AccessDenied(
+                f'the client certificate is bot "{identity.bot_name}"\'s, but join token '
+                f'"{resource.name}" is for bot "{resource.bot_name}"'
+            )
+        return identity.bot_instance_id, identity.generation
+
     # -- mTLS: the bot's own certificate ----------------------------------------------
 
     async def renew(self, request: web.Request) -> web.Response:
@@ -250,6 +370,11 @@ class AuthAPI:
             now = self.clock()
             caller = self._caller(request, now, fields)
             fields["resource"] = f"bot_instance/{fields['bot']}/{fields['instance']}"
+            if not caller.identity.renewable:
+                raise AccessDenied(
+                    "this bot identity came from a delegated join and is not renewable; "
+                    "the bot joins again with its join method instead"
+                )
             req = wire.RenewRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
             expires = ca.grant_expiry(req.expires, now)
@@ -490,9 +615,7 @@ class AuthAPI:
         return chosen.spiffe_path(bot.name), expires
 
     def _caller(self, request: web.Request, now: datetime, fields: dict[str, Any]) -> BotCaller:
-        ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-        caller = self.callers.check(der, now)
+        caller = self.callers.check(_peer_certificate(request), now)
         fields.update(
             bot=caller.identity.bot_name,
             instance=caller.identity.bot_instance_id,
@@ -590,6 +713,13 @@ def _route_of(req: wire.ImpersonateRequest) -> TLSIdentity | None:
     )
 
 
+def _peer_certificate(request: web.Request) -> bytes | None:
+    """The DER client certificate TLS verified for ``request``, or None."""
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    return der or None
+
+
 def _existing_bot(conn: _sql.Connection, caller: BotCaller) -> BotRecord:
     """The caller's bot, in a Storage transaction; AccessDenied when it was removed."""
     name = caller.identity.bot_name
@@ -646,6 +776,11 @@ def create_app(
     app.router.add_post(wire.PATH_JWT_SVID, api.jwt_svid)
     app.router.add_post(wire.PATH_HOST_CERT, api.host_cert)
     add_admin_routes(app, AdminAPI(cluster, clock, _read_json))
+
+    async def close_jwks(_app: web.Application) -> None:
+        await api.issuer_keys.close()
+
+    app.on_cleanup.append(close_jwks)
     return app
 
 

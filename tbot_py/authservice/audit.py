@@ -259,7 +259,9 @@ def emit(
 
 
 #: Call fields copied into ``details``; the rest is actor, resource or the server log only.
-_DETAILS = ("generation", "roles", "expires", "idempotent_retry")
+_DETAILS = ("generation", "roles", "expires", "idempotent_retry", "join_method", "rejoin")
+#: Details named by prefix: the identifying claims of an OIDC join (``claim.repository``).
+_DETAIL_PREFIXES = ("claim.",)
 
 
 @contextmanager
@@ -309,7 +311,11 @@ def audited_call(
                     remote_addr=remote,
                     resource=fields.get("resource"),
                     message=message,
-                    details={k: fields[k] for k in _DETAILS if k in fields},
+                    details={
+                        k: v
+                        for k, v in fields.items()
+                        if k in _DETAILS or k.startswith(_DETAIL_PREFIXES)
+                    },
                 )
             )
 

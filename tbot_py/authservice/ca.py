@@ -259,15 +259,20 @@ def issue_bot_identity(
     public_key: keys.PublicKey,
     expires: datetime,
     now: datetime,
+    renewable: bool = True,
 ) -> Certs:
-    """The bot's own renewable identity (join and renew), for ``public_key``."""
+    """The bot's own identity (join and renew), for ``public_key``.
+
+    Renewable after a ``token`` join; not after a delegated (OIDC) join, whose bot
+    joins again with a fresh ID token instead of renewing.
+    """
     identity = TLSIdentity(
         username=bot.username,
         groups=bot.roles,
         principals=bot_principals(bot, instance_id, internal_join=True),
         route_to_cluster=cas.cluster_name,
         teleport_cluster=cas.cluster_name,
-        renewable=True,
+        renewable=renewable,
         generation=generation,
         bot_name=bot.name,
         bot_instance_id=instance_id,

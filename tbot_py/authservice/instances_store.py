@@ -61,6 +61,19 @@ class RenewalAnswer:
     retry: bool = False
 
 
+@dataclass(frozen=True)
+class DelegatedJoin:
+    """The outcome of :meth:`InstanceStore.join_delegated`.
+
+    ``stale`` is True when the presented certificate's generation was not the stored one.
+    """
+
+    bot: BotRecord
+    instance_id: str
+    generation: int
+    stale: bool
+
+
 #: Issues the certificates for a generation: returns the JSON answer and its NotAfter.
 IssueRenewal = Callable[[int], tuple[str, datetime]]
 
@@ -94,6 +107,50 @@ class InstanceStore:
         if bot is None:
             raise AccessDenied(TOKEN_NOT_VALID)
         return bot
+
+    def join_delegated(
+        self,
+        bot_name: str,
+        *,
+        new_instance_id: str,
+        presented: tuple[str, int] | None,
+        now: datetime,
+    ) -> DelegatedJoin:
+        """Record a delegated (OIDC) join of ``bot_name``; the token was checked by the caller.
+
+        ``presented`` is the (instance ID, generation) of the bot's own current
+        certificate when the bot re-joins over mTLS: that instance is kept and its
+        generation advances by one. A stale generation is reported, not enforced:
+        delegated joins prove themselves with a fresh ID token every time (Teleport
+        only logs it for these methods). Without ``presented``, or when that instance
+        no longer exists, a new instance ``new_instance_id`` starts at generation 1.
+        Raises AccessDenied when the bot does not exist, Locked when a lock is in force.
+        """
+        with self._transaction(write=True) as conn:
+            bot = get_bot(conn, bot_name)
+            if bot is None:
+                raise AccessDenied(f'the join token names bot "{bot_name}", which does not exist')
+            row = None
+            if presented is not None:
+                row = conn.execute(
+                    "SELECT generation FROM bot_instances WHERE id = ? AND bot_name = ?",
+                    (presented[0], bot_name),
+                ).fetchone()
+            if presented is not None and row is not None:
+                instance_id, stored = presented[0], int(str(row[0]))
+                locks.refuse_if_locked(conn, bot.name, instance_id, now)
+                conn.execute(
+                    "UPDATE bot_instances SET generation = ?, last_seen_at = ? WHERE id = ?",
+                    (stored + 1, _sql.ts(now), instance_id),
+                )
+                return DelegatedJoin(bot, instance_id, stored + 1, stale=presented[1] != stored)
+            locks.refuse_if_locked(conn, bot.name, None, now)
+            conn.execute(
+                "INSERT INTO bot_instances (id, bot_name, generation, created_at, "
+                "last_seen_at) VALUES (?, ?, 1, ?, ?)",
+                (new_instance_id, bot.name, _sql.ts(now), _sql.ts(now)),
+            )
+        return DelegatedJoin(bot, new_instance_id, 1, stale=False)
 
     def get(self, bot_name: str, instance_id: str) -> BotInstanceRecord | None:
         """Instance ``instance_id`` of ``bot_name``, or None."""

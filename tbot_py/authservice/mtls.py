@@ -1,4 +1,4 @@
-"""The mTLS caller checks: a bot's own renewable certificate, or an admin certificate.
+"""The mTLS caller checks: a bot's own certificate, or an admin certificate.
 
 The bot endpoints of :mod:`.app` (renew, certs, cas) call
 :func:`check_bot_certificate` on the client certificate TLS has already
@@ -57,11 +57,15 @@ def _verified_client_certificate(
 
 
 def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
-    """Accept only the bot's own, current, renewable certificate from this cluster.
+    """Accept only the bot's own, current certificate from this cluster.
 
     TLS has already verified the chain against the user CA; this repeats the
     signature and validity checks with ``now`` so the rules do not depend on
     the TLS configuration, then checks the identity. Raises AccessDenied.
+
+    The certificate is renewable for a ``token`` join and not for the delegated
+    (OIDC) joins, which join again instead; ``/v1/bot/renew`` checks that itself.
+    Impersonated output certificates are never accepted.
     """
     cert = _verified_client_certificate(der, cas, now)
     identity = TLSIdentity.from_subject(cert.subject)
@@ -75,6 +79,4 @@ def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) 
         or identity.username != ca.bot_username(identity.bot_name)
     ):
         raise AccessDenied("client certificate is not a bot certificate")
-    if not identity.renewable:
-        raise AccessDenied("client certificate is not a renewable bot certificate")
     return BotCaller(identity=identity, not_after=cert.not_valid_after_utc)

@@ -24,7 +24,8 @@ reached through a ``Storage`` attribute that shares its transactions:
 ``bots`` (:mod:`.bots_store`), ``tokens`` (:mod:`.tokens_store`),
 ``instances`` (:mod:`.instances_store`), ``roles`` (:mod:`.roles_store`),
 ``locks`` (:mod:`.locks`), ``cert_authorities`` (:mod:`.ca_store`) and
-``workload_identities`` (:mod:`.workload_identities`).
+``workload_identities`` (:mod:`.workload_identities`) and ``join_tokens``
+(:mod:`.join_tokens`, the OIDC token resources).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from tbot_py.authservice import _sql, locks, workload_identities
+from tbot_py.authservice import _sql, join_tokens, locks, workload_identities
 from tbot_py.authservice.bots_store import BotStore
 from tbot_py.authservice.ca_store import CAStore
 from tbot_py.authservice.errors import AuthServiceError, StorageBusy
@@ -47,7 +48,7 @@ from tbot_py.authservice.roles_store import RoleStore, seed_preset_roles
 from tbot_py.authservice.tokens_store import TokenStore
 
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 BUSY_TIMEOUT_MS = 5000
 
 T = TypeVar("T")
@@ -123,12 +124,17 @@ _SCHEMA_V4 = (
 # v5: workload_identity resources (see workload_identities.py).
 _SCHEMA_V5 = (workload_identities.CREATE_TABLE,)
 
+# v6: token resources for the OIDC join methods (see join_tokens.py). Secret ``token``
+# join tokens stay in join_tokens, by hash.
+_SCHEMA_V6 = (join_tokens.CREATE_TABLE,)
+
 _MIGRATIONS: dict[int, tuple[str | Callable[[_sql.Connection], None], ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
     3: _SCHEMA_V3,
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
+    6: _SCHEMA_V6,
 }
 
 
@@ -264,6 +270,7 @@ class Storage:
         self.locks = locks.LockStore(self._transaction)
         self.cert_authorities = CAStore(self._transaction)
         self.workload_identities = workload_identities.WorkloadIdentityStore(self._transaction)
+        self.join_tokens = join_tokens.JoinTokenStore(self._transaction)
 
     @classmethod
     def open(cls, path: Path) -> Storage:

@@ -6,6 +6,9 @@ The decision follows tbot (tbot.md §7.1-7.2):
   discarded, so handing the bot a new token forces a fresh join;
 - an expired stored identity is discarded and the bot joins again (needs a token);
 - a valid stored identity is renewed with a fresh key over mTLS;
+- with a delegated join method (kubernetes, github, gitlab, generic_oidc) there is
+  no renewal: the bot joins again with a fresh ID token every time, over mTLS with
+  its current identity so that the auth service keeps its bot instance ID;
 - with nothing stored and no token there is nothing to do: a clear error.
 
 The new identity is written to storage *before* anything uses it: the server
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -38,6 +41,7 @@ from tbot_py.identity.model import BOT_ARTIFACTS, Identity
 log = logging.getLogger("tbot_py.bot")
 
 Clock = Callable[[], datetime]
+JOIN_METHOD_TOKEN = "token"  # noqa: S105 - a join method's name
 #: Where the key of a renewal in flight is kept until its certificates are saved.
 ARTIFACT_PENDING_KEY = "pending-key"
 
@@ -51,6 +55,10 @@ class JoinParams:
     ca_pins: tuple[str, ...] = ()
     ca_path: str | None = None
     insecure: bool = False
+    #: ``token`` joins renew; the delegated (OIDC) methods join again for every renewal.
+    join_method: str = "token"
+    #: For a delegated method: fetches the ID token (a JWT) for an audience (the cluster name).
+    id_token: Callable[[str], Awaitable[str]] | None = field(default=None, compare=False)
     #: Why a configured token could not be read (a token file deleted after the first
     #: join is fine, as in tbot); raised only if a join is actually needed.
     token_problem: ConfigError | None = field(default=None, compare=False)
@@ -129,6 +137,40 @@ async def join_with_token(
     return Identity.from_certs(key, certs)
 
 
+async def join_delegated(
+    params: JoinParams, token: str, ttl: timedelta, now: datetime, current: Identity | None
+) -> Identity:
+    """Join with a delegated (OIDC) method: a fresh ID token for every join.
+
+    With a ``current`` identity the join goes over mTLS with it, so the auth service
+    keeps the bot instance ID (tbot.md §7.2). Without one (first join, or the stored
+    identity expired) it is a first contact, trusted by the configured CA pins or path,
+    and the auth service starts a new instance.
+    """
+    if params.id_token is None:
+        raise ConfigError(
+            f"join method {params.join_method} needs an ID token source",
+            yaml_path="onboarding.join_method",
+        )
+    if current is not None:
+        ctx = tls.mtls_context(current.tls_cert_pem, current.private_key_pem, current.tls_ca_pems)
+    else:
+        ctx = await first_contact_context(
+            params.addr, ca_pins=params.ca_pins, ca_path=params.ca_path, insecure=params.insecure
+        )
+    key = keys.generate_private_key()
+    async with AuthClient(params.addr, ctx) as client:
+        cluster_name = current.cluster_name if current is not None else ""
+        if not cluster_name:
+            cluster_name = (await client.ping()).cluster_name
+        id_token = await params.id_token(cluster_name)
+        request = wire.RegisterUsingTokenRequest(
+            token=token, keys=fresh_public_keys(key), expires=now + ttl, id_token=id_token
+        )
+        certs = await client.register_using_token(request)
+    return Identity.from_certs(key, certs)
+
+
 async def renew_identity(
     addr: str,
     current: Identity,
@@ -190,8 +232,19 @@ async def obtain_bot_identity(
                 "set onboarding.token or pass --token",
                 yaml_path="onboarding.token",
             )
-        identity = await join_with_token(params, token, ttl, now)
-        log.info("joined the cluster %s as %s", identity.cluster_name, describe(identity))
+        if params.join_method != JOIN_METHOD_TOKEN:
+            identity = await join_delegated(params, token, ttl, now, current=None)
+        else:
+            identity = await join_with_token(params, token, ttl, now)
+        log.info(
+            "joined the cluster %s (join method %s) as %s",
+            identity.cluster_name,
+            params.join_method,
+            describe(identity),
+        )
+    elif params.join_method != JOIN_METHOD_TOKEN and token:
+        identity = await join_delegated(params, token, ttl, now, current=stored[0])
+        log.info("joined again (join method %s): %s", params.join_method, describe(identity))
     else:
         identity, token_hash = stored[0], stored[1]
         if not identity.tls_identity.renewable:

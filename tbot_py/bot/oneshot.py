@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
+from tbot_py.bot.idtokens import read_id_token
 from tbot_py.client import tls, wire
 from tbot_py.client.http import AuthClient
 from tbot_py.config.schema import (
@@ -173,6 +174,10 @@ def join_params(config: BotConfig) -> JoinParams:
         token, problem = onboarding.read_token(), None
     except ConfigError as exc:
         token, problem = None, exc
+
+    async def fetch_id_token(audience: str) -> str:
+        return await read_id_token(onboarding, audience=audience)
+
     return JoinParams(
         addr=config.require_address(),
         token=token,
@@ -180,6 +185,8 @@ def join_params(config: BotConfig) -> JoinParams:
         ca_pins=tuple(onboarding.ca_pins),
         ca_path=onboarding.ca_path,
         insecure=onboarding.insecure,
+        join_method=onboarding.join_method,
+        id_token=fetch_id_token if onboarding.is_delegated() else None,
     )
 
 

@@ -61,9 +61,12 @@ def _config_options(func: F) -> F:
             envvar="TELEPORT_BOT_TOKEN",
             show_envvar=False,
             help="Join token, or an absolute path to a file holding it "
-            "(env TELEPORT_BOT_TOKEN; prefer a file or the env over argv).",
+            "(env TELEPORT_BOT_TOKEN; prefer a file or the env over argv). With an OIDC "
+            "join method: the name of the token resource (not a secret).",
         ),
-        click.option("--join-method", help="Join method (only 'token' is supported)."),
+        click.option(
+            "--join-method", help="Join method: token, kubernetes, github, gitlab or generic_oidc."
+        ),
         click.option(
             "--ca-pin",
             "ca_pins",

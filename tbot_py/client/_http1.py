@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import re
 import ssl
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import quote
@@ -36,6 +36,8 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [\t\x20-\x7e\x80-
 _HEADER_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
 _CONTENT_LENGTH = re.compile(r"[0-9]{1,10}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")
 #: Characters left as they are in a request target: RFC 3986 path and query characters, and
 #: ``%`` so that a caller's own escapes are kept. Everything else is percent-encoded.
 _TARGET_SAFE = "/?:@!$&'()*+,;=-._~%"
@@ -121,9 +123,17 @@ class ConnectionPool:
                 await conn.writer.wait_closed()
 
     async def request(
-        self, method: str, target: str, body: bytes | None = None, content_type: str = ""
+        self,
+        method: str,
+        target: str,
+        body: bytes | None = None,
+        content_type: str = "",
+        headers: Mapping[str, str] | None = None,
     ) -> Response:
         """Send one request and read the whole answer, on an idle connection if there is one.
+
+        ``headers`` are sent after the client's own; an ``Accept`` among them replaces
+        ``Accept: */*``. A name or value that could split the head (CR, LF) is a ValueError.
 
         A reused connection that fails before the answer starts (the server closed it while
         it was idle) is replaced by a fresh one and the request sent once more; no other
@@ -131,7 +141,7 @@ class ConnectionPool:
         """
         if self._closed:
             raise RuntimeError("the HTTP client is closed")
-        head = self._request_head(method, target, body, content_type)
+        head = self._request_head(method, target, body, content_type, headers)
         conn = self._take_idle()
         if conn is not None:
             try:
@@ -141,14 +151,26 @@ class ConnectionPool:
         return await self._exchange(await self._connect(), head, body)
 
     def _request_head(
-        self, method: str, target: str, body: bytes | None, content_type: str
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        content_type: str,
+        headers: Mapping[str, str] | None = None,
     ) -> bytes:
+        extra = dict(headers or {})
+        for name, value in extra.items():
+            # Never show the value: it is often a credential (Authorization).
+            if not _HEADER_NAME.fullmatch(name) or not _HEADER_VALUE.fullmatch(value):
+                raise ValueError(f"header {name[:40]!r} has a name or value that is not allowed")
         lines = [
             f"{method} {quote(target, safe=_TARGET_SAFE)} HTTP/1.1",
             f"Host: {self._host_header}",
             f"User-Agent: {self._user_agent}",
-            "Accept: */*",
         ]
+        if not any(name.lower() == "accept" for name in extra):
+            lines.append("Accept: */*")
+        lines += [f"{name}: {value}" for name, value in extra.items()]
         if body is not None:
             lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")

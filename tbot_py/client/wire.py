@@ -152,6 +152,8 @@ class RegisterUsingTokenRequest:
     keys: PublicKeys
     role: str = ROLE_BOT
     expires: datetime | None = None
+    #: The OIDC ID token (JWT) for the github, gitlab, kubernetes and generic_oidc methods.
+    id_token: str = field(default="", repr=False)
 
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
@@ -161,6 +163,8 @@ class RegisterUsingTokenRequest:
             "token": self.token,
         }
         doc.update(self.keys.to_json())
+        if self.id_token:
+            doc["id_token"] = self.id_token
         if self.expires is not None:
             doc["expires"] = format_time(self.expires)
         return doc
@@ -173,6 +177,7 @@ class RegisterUsingTokenRequest:
             role=_str(obj, "role"),
             keys=PublicKeys.from_json(obj),
             expires=_optional_expires(obj),
+            id_token=_str(obj, "id_token", required=False),
         )
 
 

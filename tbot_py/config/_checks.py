@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, timedelta
 from pathlib import Path
@@ -31,7 +32,15 @@ HOOK_COMMAND_HINT = (
     'use ["sh", "-c", "..."] for a shell'
 )
 
-SUPPORTED_JOIN_METHODS = ("token",)
+#: Methods that join with an ID token from the platform (a JWT) and a token resource's name.
+OIDC_JOIN_METHODS = ("kubernetes", "github", "gitlab", "generic_oidc")
+SUPPORTED_JOIN_METHODS = ("token", *OIDC_JOIN_METHODS)
+DEFAULT_ID_TOKEN_TIMEOUT = timedelta(seconds=10)
+MAX_ID_TOKEN_TIMEOUT = timedelta(minutes=5)
+OIDC_COMMAND_HINT = (
+    'command must be an argv list such as ["/usr/local/bin/get-id-token", "--audience", "x"]; '
+    'use ["sh", "-c", "..."] for a shell'
+)
 KNOWN_JOIN_METHODS = frozenset(
     {
         "azure",
@@ -58,6 +67,7 @@ RESERVED_SERVICE_NAMES = frozenset(
 )
 _SERVICE_NAME = re.compile(r"^[a-z0-9_\-+]+$")
 _CA_PIN = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _ADDRESS = re.compile(r"^(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-_]*):([0-9]{1,5})$")
 
 
@@ -183,38 +193,72 @@ def _fspath(value: object) -> object:
     return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _check_hook_timeout(value: timedelta) -> timedelta:
-    if value > MAX_HOOK_TIMEOUT:
-        raise config_problem(
-            f"hook timeout must be at most {format_duration(MAX_HOOK_TIMEOUT)}, "
-            f'got "{format_duration(value)}"'
-        )
+def _check_at_most(limit: timedelta, what: str) -> Callable[[timedelta], timedelta]:
+    def check(value: timedelta) -> timedelta:
+        if value > limit:
+            raise config_problem(
+                f'{what} must be at most {format_duration(limit)}, got "{format_duration(value)}"'
+            )
+        return value
+
+    return check
+
+
+def _argv_check(hint: str) -> Callable[[object], object]:
+    """A check that a command is a non-empty argv list; a string gets ``hint``, no shell parsing."""
+
+    def check(value: object) -> object:
+        if isinstance(value, str):
+            raise config_problem(hint)
+        if not isinstance(value, list):
+            raise config_problem(f"{hint} (got {describe_type(value)})")
+        if not value:
+            raise config_problem(f"must not be empty: {hint}")
+        if isinstance(value[0], str) and not value[0].strip():
+            raise config_problem("the program (first item) must not be empty", (0,))
+        return value
+
+    return check
+
+
+check_hook_command = _argv_check(HOOK_COMMAND_HINT)
+check_id_token_command = _argv_check(OIDC_COMMAND_HINT)
+
+
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise config_problem(f'must be an absolute path, got "{value}"')
     return value
 
 
-def check_hook_command(value: object) -> object:
-    """A hook command must be a non-empty argv list; a string gets a hint, not shell parsing."""
-    if isinstance(value, str):
-        raise config_problem(HOOK_COMMAND_HINT)
-    if not isinstance(value, list):
-        raise config_problem(f"{HOOK_COMMAND_HINT} (got {describe_type(value)})")
-    if not value:
-        raise config_problem(f"must not be empty: {HOOK_COMMAND_HINT}")
-    if isinstance(value[0], str) and not value[0].strip():
-        raise config_problem("the program (first item) must not be empty", (0,))
+def _env_var_name(value: str) -> str:
+    if not _ENV_VAR_NAME.match(value):
+        raise config_problem(
+            f'invalid environment variable name "{value}": '
+            'use letters, digits and "_", not starting with a digit'
+        )
     return value
 
 
 PositiveDuration = Annotated[timedelta, BeforeValidator(_to_positive_duration)]
 HookTimeout = Annotated[
-    timedelta, BeforeValidator(_to_positive_duration), AfterValidator(_check_hook_timeout)
+    timedelta,
+    BeforeValidator(_to_positive_duration),
+    AfterValidator(_check_at_most(MAX_HOOK_TIMEOUT, "hook timeout")),
 ]
+IdTokenTimeout = Annotated[
+    timedelta,
+    BeforeValidator(_to_positive_duration),
+    AfterValidator(_check_at_most(MAX_ID_TOKEN_TIMEOUT, "timeout")),
+]
+AbsolutePath = Annotated[str, BeforeValidator(_fspath), AfterValidator(_absolute_path)]
+EnvVarName = Annotated[str, AfterValidator(_env_var_name)]
 Address = Annotated[str, AfterValidator(check_address)]
 NonEmptyPath = Annotated[str, BeforeValidator(_fspath), AfterValidator(_non_empty)]
 
 
 def check_join_method(value: object) -> object:
-    """Reject join methods other than token, telling tbot's known ones from typos."""
+    """Reject join methods tbot-py does not implement, telling tbot's known ones from typos."""
     if isinstance(value, str) and value not in SUPPORTED_JOIN_METHODS:
         supported = ", ".join(SUPPORTED_JOIN_METHODS)
         if value in KNOWN_JOIN_METHODS:

@@ -25,14 +25,20 @@ from pydantic import (
 
 from tbot_py.config._checks import (
     DEFAULT_HOOK_TIMEOUT,
+    DEFAULT_ID_TOKEN_TIMEOUT,
+    OIDC_JOIN_METHODS,
+    AbsolutePath,
     Address,
     ConfigWarning,
+    EnvVarName,
     HookTimeout,
+    IdTokenTimeout,
     Loc,
     NonEmptyPath,
     PositiveDuration,
     check_ca_pin,
     check_hook_command,
+    check_id_token_command,
     check_join_method,
     check_service_name,
     config_problem,
@@ -110,15 +116,58 @@ def _check_token(value: SecretStr) -> SecretStr:
     return value
 
 
+JoinMethod = Literal["token", "kubernetes", "github", "gitlab", "generic_oidc"]
+#: The ``onboarding`` sections that configure where one OIDC join method reads its ID token.
+ID_TOKEN_SECTIONS = ("kubernetes", "gitlab", "generic_oidc")
+DEFAULT_GITLAB_JWT_VAR = "TBOT_GITLAB_JWT"
+
+
+class KubernetesOnboarding(_Model):
+    """``onboarding.kubernetes``: the projected service account token file."""
+
+    #: Unset: ``$KUBERNETES_TOKEN_PATH``, else the kubelet's default path (at read time).
+    token_path: AbsolutePath | None = None
+
+
+class GitLabOnboarding(_Model):
+    """``onboarding.gitlab``: the CI variable that holds the job's ID token."""
+
+    token_env_var_name: EnvVarName = DEFAULT_GITLAB_JWT_VAR
+
+
+class GenericOIDCOnboarding(_Model):
+    """``onboarding.generic_oidc``: an ID token from an environment variable, file or command."""
+
+    env: EnvVarName | None = None
+    path: AbsolutePath | None = None
+    #: Run without a shell; its standard output is the ID token.
+    command: Annotated[list[str], BeforeValidator(check_id_token_command)] | None = None
+    timeout: IdTokenTimeout = DEFAULT_ID_TOKEN_TIMEOUT
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> GenericOIDCOnboarding:
+        sources = [name for name in ("env", "path", "command") if getattr(self, name) is not None]
+        if len(sources) != 1:
+            got = f" (got {' and '.join(sources)})" if sources else ""
+            raise config_problem(
+                "set exactly one of env, path and command, e.g. {env: TBOT_ID_TOKEN}" + got
+            )
+        return self
+
+
 class Onboarding(_Model):
     """How the bot joins the cluster the first time (``onboarding:``)."""
 
-    join_method: Annotated[Literal["token"], BeforeValidator(check_join_method)] = "token"
-    # The token value or an absolute path to a file that holds it; read lazily by read_token().
+    join_method: Annotated[JoinMethod, BeforeValidator(check_join_method)] = "token"
+    # token: the token value or an absolute path to a file that holds it; read lazily by
+    # read_token(). OIDC methods: the name of the token resource (not a secret).
     token: Annotated[SecretStr, AfterValidator(_check_token)] | None = None
     ca_pins: list[Annotated[str, AfterValidator(check_ca_pin)]] = Field(default_factory=list)
     ca_path: NonEmptyPath | None = None
     insecure: bool = False
+    kubernetes: KubernetesOnboarding | None = None
+    gitlab: GitLabOnboarding | None = None
+    generic_oidc: GenericOIDCOnboarding | None = None
 
     @model_validator(mode="after")
     def _check_trust_options(self) -> Onboarding:
@@ -128,6 +177,39 @@ class Onboarding(_Model):
         if problems:
             raise config_problems(problems)
         return self
+
+    @model_validator(mode="after")
+    def _check_join_method_options(self) -> Onboarding:
+        method = self.join_method
+        problems: list[tuple[Loc, str]] = [
+            ((name,), f"is set but join_method is {method} (remove it, or set join_method: {name})")
+            for name in ID_TOKEN_SECTIONS
+            if name != method and getattr(self, name) is not None
+        ]
+        if self.is_delegated():
+            if self.token is None:
+                problems.append(
+                    (
+                        ("token",),
+                        f"join method {method} needs the name of a token resource here "
+                        "(created with tbot-py auth create -f token.yaml)",
+                    )
+                )
+            elif "/" in self.token.get_secret_value():
+                problems.append(
+                    (
+                        ("token",),
+                        f"for join method {method} this is the name of a token resource, "
+                        "not a file path (the name is not a secret: write it here)",
+                    )
+                )
+        if problems:
+            raise config_problems(problems)
+        return self
+
+    def is_delegated(self) -> bool:
+        """True for the OIDC join methods: they re-join with a fresh ID token, never renew."""
+        return self.join_method in OIDC_JOIN_METHODS
 
     def token_file(self) -> str | None:
         """The path of the token file, if ``token`` refers to one (safe to log)."""

@@ -93,12 +93,16 @@ class AuthService:
 
 
 def start_auth_service(
-    data_dir: Path, listen: str = "127.0.0.1:0", *extra_args: str
+    data_dir: Path,
+    listen: str = "127.0.0.1:0",
+    *extra_args: str,
+    env: dict[str, str] | None = None,
 ) -> AuthService:
     """Start the auth service and wait for its one JSON ready line on stdout.
 
     Tests share one service across many joins from 127.0.0.1, so the join rate limit
-    is raised unless a test passes its own ``--join-rate``.
+    is raised unless a test passes its own ``--join-rate``. ``env`` adds variables to
+    the child's :func:`clean_env` (e.g. ``SSL_CERT_FILE`` for a test OIDC issuer).
     """
     if "--join-rate" not in extra_args:
         extra_args = (*extra_args, "--join-rate", "600/m")
@@ -107,7 +111,7 @@ def start_auth_service(
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-        env=clean_env(),
+        env=clean_env(**(env or {})),
     )
     assert process.stdout is not None
     selector = selectors.DefaultSelector()

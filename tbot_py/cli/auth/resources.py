@@ -1,13 +1,14 @@
 """``tbot-py auth create``, ``get`` and ``rm``: resources, tctl-style (``role/NAME``).
 
-Kinds: ``role`` and ``workload_identity`` (``workload_identity/NAME``,
-``workload_identities``).
+Kinds: ``role`` (``role/NAME``, ``roles``), and the stored kinds of
+:mod:`tbot_py.authservice.resource_kinds`: ``workload_identity`` (``workload_identities``)
+and ``token``, the OIDC join tokens (``tokens``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import click
@@ -22,7 +23,7 @@ from tbot_py.cli.auth._common import (
 )
 
 if TYPE_CHECKING:
-    from tbot_py.authservice.workload_identities import WorkloadIdentity
+    from tbot_py.authservice.resource_kinds import Resource, ResourceKind
 
 
 @click.command(name="create")
@@ -31,19 +32,19 @@ if TYPE_CHECKING:
     "--filename",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The resource YAML file (kind: role or kind: workload_identity).",
+    help="The resource YAML file (kind: role, workload_identity or token).",
 )
 @click.option("--force", is_flag=True, help="Replace the resource if it exists.")
 @admin_target_option
 @user_errors
 def create(filename: Path, force: bool, data_dir: Path | None) -> None:
-    """Create a role or workload identity from a YAML file, or replace one with --force."""
+    """Create a role, workload identity or join token from a YAML file (--force replaces)."""
     from tbot_py.authservice import admin
-    from tbot_py.authservice.workload_identities import WorkloadIdentity
+    from tbot_py.authservice.roles import Role
 
     resource = admin.read_resource_file(filename)  # before opening: a bad file changes nothing
-    if isinstance(resource, WorkloadIdentity):
-        _create_workload_identity(resource, force, data_dir)
+    if not isinstance(resource, Role):
+        _create_resource(resource, force, data_dir)
         return
     role = resource
     remote = remote_admin()
@@ -64,19 +65,20 @@ def create(filename: Path, force: bool, data_dir: Path | None) -> None:
     "output_format",
     type=click.Choice(["text", "yaml", "json"]),
     default="text",
-    help="text: YAML for role/NAME, a table for roles.",
+    help="text: YAML for KIND/NAME, a table for a list.",
 )
 @admin_target_option
 @user_errors
 def get(resource: str, output_format: str, data_dir: Path | None) -> None:
-    """Show role/NAME as YAML, or list every role (RESOURCE: roles)."""
+    """Show KIND/NAME as YAML, or list a kind: roles, workload_identities, tokens."""
     from tbot_py.authservice import admin
+    from tbot_py.authservice.resource_kinds import KINDS
     from tbot_py.authservice.roles import role_from_data
     from tbot_py.config.duration import format_duration
 
     kind, name = admin.parse_resource_ref(resource)
-    if kind == "workload_identity":
-        _get_workload_identities(name, output_format, data_dir)
+    if kind in KINDS:
+        _get_resources(KINDS[kind], name, output_format, data_dir)
         return
     remote = remote_admin()
     if name is not None:
@@ -122,23 +124,24 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
 @admin_target_option
 @user_errors
 def rm(resource: str, data_dir: Path | None) -> None:
-    """Delete role/NAME (refused while a bot uses it) or workload_identity/NAME."""
+    """Delete role/NAME (refused while a bot uses it), workload_identity/NAME or token/NAME."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.errors import BadParameter
+    from tbot_py.authservice.resource_kinds import KINDS
 
     kind, name = admin.parse_resource_ref(resource)
     if name is None:
-        what = "role" if kind == "role" else "workload identity"
-        raise BadParameter(f"name the {what} to remove: {kind}/NAME")
-    if kind == "workload_identity":
-        remote = remote_admin()
-        if remote is not None:
-            remote.call("DELETE", f"workload_identities/{quote(name, safe='')}")
-        else:
-            admin.delete_workload_identity(local_cluster(data_dir), name)
-        click.echo(f'workload identity "{name}" has been deleted')
-        return
+        title = KINDS[kind].title if kind in KINDS else kind
+        raise BadParameter(f"name the {title} to remove: {kind}/NAME")
     remote = remote_admin()
+    if kind in KINDS:
+        stored = KINDS[kind]
+        if remote is not None:
+            remote.call("DELETE", f"{stored.api_path}/{quote(name, safe='')}")
+        else:
+            admin.delete_resource(local_cluster(data_dir), stored, name)
+        click.echo(f'{stored.title} "{name}" has been deleted')
+        return
     if remote is not None:
         remote.call("DELETE", f"roles/{quote(name, safe='')}")
     else:
@@ -146,59 +149,45 @@ def rm(resource: str, data_dir: Path | None) -> None:
     click.echo(f'role "{name}" has been deleted')
 
 
-def _create_workload_identity(
-    resource: WorkloadIdentity, force: bool, data_dir: Path | None
+def _create_resource(resource: Resource, force: bool, data_dir: Path | None) -> None:
+    from tbot_py.authservice import admin
+
+    kind = admin.kind_of(resource)
+    remote = remote_admin()
+    if remote is not None:
+        body = {"yaml": resource.to_yaml(), "force": force}
+        replaced = bool(remote.call("POST", kind.api_path, body)["replaced"])
+    else:
+        replaced = admin.create_resource(local_cluster(data_dir), resource, force=force)
+    click.echo(f'{kind.title} "{resource.name}" has been {"updated" if replaced else "created"}')
+
+
+def _get_resources(
+    kind: ResourceKind[Any], name: str | None, output_format: str, data_dir: Path | None
 ) -> None:
     from tbot_py.authservice import admin
 
     remote = remote_admin()
-    if remote is not None:
-        body = {"yaml": resource.to_yaml(), "force": force}
-        replaced = bool(remote.call("POST", "workload_identities", body)["replaced"])
-    else:
-        replaced = admin.create_workload_identity(local_cluster(data_dir), resource, force=force)
-    click.echo(
-        f'workload identity "{resource.name}" has been {"updated" if replaced else "created"}'
-    )
-
-
-def _get_workload_identities(name: str | None, output_format: str, data_dir: Path | None) -> None:
-    from tbot_py.authservice import admin
-    from tbot_py.authservice.workload_identities import workload_identity_from_data
-
-    remote = remote_admin()
     if name is not None:
         if remote is not None:
-            doc = remote.call("GET", f"workload_identities/{quote(name, safe='')}")
-            found = workload_identity_from_data(doc["workload_identity"])
+            doc = remote.call("GET", f"{kind.api_path}/{quote(name, safe='')}")
+            found = kind.from_data(doc[kind.kind])
         else:
-            found = admin.get_workload_identity(local_cluster(data_dir), name)
+            found = admin.get_resource(local_cluster(data_dir), kind, name)
         if output_format == "json":
             print_json(found.to_json())
         else:
             click.echo(found.to_yaml(), nl=False)
         return
     if remote is not None:
-        resources = [
-            workload_identity_from_data(doc) for doc in remote.call("GET", "workload_identities")
-        ]
+        resources = [kind.from_data(doc) for doc in remote.call("GET", kind.api_path)]
     else:
-        resources = admin.list_workload_identities(local_cluster(data_dir))
+        resources = admin.list_resources(local_cluster(data_dir), kind)
     if output_format == "json":
         print_json([resource.to_json() for resource in resources])
     elif output_format == "yaml":
         click.echo("---\n".join(resource.to_yaml() for resource in resources), nl=False)
     elif not resources:
-        click.echo("No workload identities.")
+        click.echo(f"No {kind.plural.replace('_', ' ')}.")
     else:
-        print_table(
-            ("NAME", "SPIFFE ID PATH", "LABELS"),
-            [
-                (
-                    resource.name,
-                    resource.spec.spiffe.id,
-                    ",".join(f"{k}={v}" for k, v in sorted(resource.labels.items())) or "-",
-                )
-                for resource in resources
-            ],
-        )
+        print_table(kind.columns, [kind.row(resource) for resource in resources])

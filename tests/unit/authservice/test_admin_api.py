@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from tbot_py.authservice import admin, ca
 from tbot_py.authservice.errors import AccessDenied
 from tbot_py.authservice.mtls import check_admin_certificate, check_bot_certificate
+from tbot_py.authservice.resource_kinds import KINDS
 from tbot_py.authservice.server import RunningAuthService
 from tbot_py.client import wire
 from tbot_py.identity import keys
@@ -269,6 +270,71 @@ def test_remote_cli_output_matches_local_mode(
     assert out("bots", "rm", "web", *remote) == 'Bot "web" removed.\n'
     assert [b["bot_name"] for b in json.loads(out("bots", "ls", "--format", "json", *local))] == [
         "ci"
+    ]
+
+
+TOKEN_YAML = """kind: token
+version: v2
+metadata: {name: gha-deploy}
+spec:
+  join_method: github
+  bot_name: ci
+  github:
+    allow: [{repository: acme/web, ref: refs/heads/main}]
+"""
+
+WORKLOAD_IDENTITY_YAML = """kind: workload_identity
+version: v1
+metadata: {name: payments, labels: {team: payments}}
+spec:
+  spiffe: {id: /svc/payments}
+"""
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        (TOKEN_YAML, "token", "tokens", "gha-deploy", "join token", "github"),
+        (
+            WORKLOAD_IDENTITY_YAML,
+            "workload_identity",
+            "workload_identities",
+            "payments",
+            "workload identity",
+            "team=payments",
+        ),
+    ],
+)
+def test_stored_kinds_are_created_shown_and_removed_alike_locally_and_remotely(
+    client: AuthClient,
+    identity_file: Path,
+    tmp_path: Path,
+    case: tuple[str, str, str, str, str, str],
+) -> None:
+    text, kind, plural, name, title, row = case
+    remote = remote_args(client, identity_file)
+    local = ["--data-dir", str(client.cluster.data_dir)]
+    path = tmp_path / "resource.yaml"
+    path.write_text(text)
+    assert out("create", "-f", path, *remote) == f'{title} "{name}" has been created\n'
+    assert out("create", "-f", path, "--force", *local) == f'{title} "{name}" has been updated\n'
+    for fmt in ("text", "yaml", "json"):
+        shown = out("get", f"{kind}/{name}", "--format", fmt, *remote)
+        assert shown == out("get", f"{kind}/{name}", "--format", fmt, *local)
+        listed = out("get", plural, "--format", fmt, *remote)
+        assert listed == out("get", plural, "--format", fmt, *local)
+    assert name in listed and row in out("get", plural, *local)
+    parse = KINDS[kind].parse_yaml
+    assert parse(out("get", f"{kind}/{name}", *local), "<shown>") == parse(text, "<file>")
+    assert out("rm", f"{kind}/{name}", *remote) == f'{title} "{name}" has been deleted\n'
+    assert json.loads(out("get", plural, "--format", "json", *local)) == []
+    events = [
+        e for e in audit_events(client.cluster.data_dir) if e["event"].startswith(f"admin.{kind}.")
+    ]
+    assert [(e["event"], e["resource"]) for e in events] == [
+        (f"admin.{kind}.create", f"{kind}/{name}"),
+        (f"admin.{kind}.update", f"{kind}/{name}"),
+        (f"admin.{kind}.rm", f"{kind}/{name}"),
     ]
 
 

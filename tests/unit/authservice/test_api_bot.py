@@ -208,7 +208,12 @@ def test_caller_certificate_checks_accept_the_bot_identity(
     assert caller.not_after == joined.cert.not_valid_after_utc
 
 
-def test_non_renewable_certificate_is_refused(client: AuthClient) -> None:
+def test_non_renewable_bot_certificate_passes_the_caller_check(client: AuthClient) -> None:
+    """A delegated join's certificate is the bot's own, without the renewable flag.
+
+    It may call the bot endpoints; ``/v1/bot/renew`` refuses it by itself
+    (``test_api_oidc_join.py``).
+    """
     now = datetime.now(UTC)
     key = keys.generate_private_key()
     # A bot-shaped subject without the renewable flag, signed by the real user CA.
@@ -221,7 +226,7 @@ def test_non_renewable_certificate_is_refused(client: AuthClient) -> None:
         now=now,
         usages=(ExtendedKeyUsageOID.CLIENT_AUTH,),
     )
-    with pytest.raises(AccessDenied, match="not a renewable"):
-        check_bot_certificate(
-            cert.public_bytes(serialization.Encoding.DER), client.cluster.cas, now
-        )
+    caller = check_bot_certificate(
+        cert.public_bytes(serialization.Encoding.DER), client.cluster.cas, now
+    )
+    assert (caller.identity.bot_name, caller.identity.renewable) == ("ci", False)

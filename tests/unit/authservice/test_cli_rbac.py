@@ -131,7 +131,7 @@ def test_get_roles_lists_the_presets_and_created_roles(tmp_path: Path) -> None:
         (
             ["get", "user/alice"],
             "unsupported resource 'user/alice': use role/NAME, roles, "
-            "workload_identity/NAME or workload_identities",
+            "workload_identity/NAME, workload_identities, token/NAME or tokens",
         ),
         (["get", "role/"], "unsupported resource 'role/'"),
         (["rm", "role/ghost"], 'role "ghost" not found'),

@@ -403,7 +403,7 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert "renewal_answer" not in dict(_columns(path))
 
     store = Storage.open(path)
-    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.schema_version() == SCHEMA_VERSION == 6
     fresh = tmp_path / "fresh.db"
     Storage.open(fresh)
     assert _columns(path) == _columns(fresh)
@@ -424,7 +424,7 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert _renew(store, 1, instance="i-1") == RenewalAnswer(
         generation=2, body=first.body, expires=first.expires, retry=True
     )
-    assert Storage.open(path).schema_version() == 5  # reopening is a no-op
+    assert Storage.open(path).schema_version() == 6  # reopening is a no-op
 
 
 # v2 as tbot-py created it: v1 plus the renewal columns, frozen here.
@@ -461,7 +461,7 @@ def test_version_2_database_is_migrated_with_the_preset_roles(tmp_path: Path) ->
         conn.close()
 
     store = Storage.open(path)
-    assert store.schema_version() == 5
+    assert store.schema_version() == 6
     assert [role.name for role in store.roles.list_all()] == ["access", "auditor", "editor"]
     access = store.roles.get("access")
     assert access is not None
@@ -535,7 +535,7 @@ def test_version_3_database_is_migrated_to_4_with_no_locks_and_keeps_its_renewal
         conn.close()
 
     store = Storage.open(path)
-    assert store.schema_version() == SCHEMA_VERSION == 5
+    assert store.schema_version() == SCHEMA_VERSION == 6
     fresh = tmp_path / "fresh.db"
     Storage.open(fresh)
     assert _columns(path, "locks") == _columns(fresh, "locks") != []

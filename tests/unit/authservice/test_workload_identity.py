@@ -63,7 +63,7 @@ def setup_bot(
     """Store both resources, a role "wi" with these label rules, and join bot "svc" with it."""
     cluster = client.cluster
     for text in (PAYMENTS_YAML, BILLING_YAML):
-        admin.create_workload_identity(cluster, parse_workload_identity_yaml(text))
+        admin.create_resource(cluster, parse_workload_identity_yaml(text))
     role = new_role(
         "wi",
         allow=RoleConditions(workload_identity_labels=allow),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -321,3 +322,100 @@ def test_fresh_public_keys_carry_one_key_in_both_encodings() -> None:
     public = fresh_public_keys(key)
     assert keys.same_public_key(keys.load_public_key_pem(public.tls), key.public_key())
     assert keys.same_public_key(keys.load_ssh_public_key_line(public.ssh), key.public_key())
+
+
+# -- delegated (OIDC) joins -------------------------------------------------------------
+
+
+IDTokenSource = Callable[[str], Awaitable[str]]
+
+
+def _k8s_token_resource(service: RunningAuthService) -> tuple[IDTokenSource, list[str]]:
+    """A bot ``kbot``, a kubernetes static_jwks token ``k8s`` and an ID token source.
+
+    The list records the audience of every ID token the source was asked for.
+    """
+    import json
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from tbot_py.authservice.join_tokens import parse_join_token_yaml
+
+    signer = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(signer.public_key()))
+    jwks = json.dumps({"keys": [{**jwk, "kid": "k1", "alg": "ES256"}]})
+    admin.add_bot(service.cluster, "kbot", roles=("access",))
+    resource = {
+        "kind": "token",
+        "version": "v2",
+        "metadata": {"name": "k8s"},
+        "spec": {
+            "join_method": "kubernetes",
+            "bot_name": "kbot",
+            "kubernetes": {
+                "type": "static_jwks",
+                "static_jwks": {"jwks": jwks},
+                "allow": [{"service_account": "ci:deployer"}],
+            },
+        },
+    }
+    admin.create_resource(service.cluster, parse_join_token_yaml(json.dumps(resource)))
+    asked: list[str] = []
+
+    async def id_token(audience: str) -> str:
+        asked.append(audience)
+        now = int(utc_now().timestamp())
+        claims = {
+            "iss": "https://kubernetes.default.svc",
+            "sub": "system:serviceaccount:ci:deployer",
+            "aud": [audience],
+            "iat": now,
+            "exp": now + 600,
+        }
+        return jwt.encode(claims, signer, algorithm="ES256", headers={"kid": "k1"})
+
+    return id_token, asked
+
+
+def _delegated(
+    service: RunningAuthService,
+    storage: Destination,
+    source: IDTokenSource,
+    *,
+    clock: Clock = utc_now,
+) -> Identity:
+    params = JoinParams(
+        addr=service.addr,
+        token="k8s",
+        ca_pins=(service.ca_pin,),
+        join_method="kubernetes",
+        id_token=source,
+    )
+    return asyncio.run(obtain_bot_identity(params, storage, TTL, clock))
+
+
+def test_delegated_join_then_every_renewal_rejoins_keeping_the_instance(
+    service: RunningAuthService, storage: Destination
+) -> None:
+    source, asked = _k8s_token_resource(service)
+    first = _delegated(service, storage, source)
+    tid = first.tls_identity
+    assert (tid.bot_name, tid.generation, tid.renewable) == ("kbot", 1, False)
+    second = _delegated(service, storage, source)
+    assert second.tls_identity.bot_instance_id == tid.bot_instance_id
+    assert second.tls_identity.generation == 2
+    assert second.tls_cert_pem != first.tls_cert_pem
+    assert _stored(storage)[0].tls_cert_pem == second.tls_cert_pem
+    # A fresh ID token for every join, for the cluster's name as the audience.
+    assert asked == ["tbot-py.local", "tbot-py.local"]
+
+
+def test_delegated_identity_expired_locally_joins_as_a_new_instance(
+    service: RunningAuthService, storage: Destination
+) -> None:
+    source, _ = _k8s_token_resource(service)
+    first = _delegated(service, storage, source)
+    late = _delegated(service, storage, source, clock=_after_expiry(first))
+    assert late.tls_identity.bot_instance_id != first.tls_identity.bot_instance_id
+    assert late.tls_identity.generation == 1

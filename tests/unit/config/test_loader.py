@@ -534,15 +534,21 @@ def test_bad_ca_pin_format_is_reported_at_the_item(pin: str) -> None:
     )
 
 
+SUPPORTED = "token, kubernetes, github, gitlab, generic_oidc"
+
+
 @pytest.mark.parametrize(
     ("method", "expected"),
     [
-        ("github", 'join method "github" is not supported yet (supported: token)'),
-        ("bound_keypair", 'join method "bound_keypair" is not supported yet (supported: token)'),
-        ("ec2", 'unknown join method "ec2" (supported: token)'),
+        ("azure", f'join method "azure" is not supported yet (supported: {SUPPORTED})'),
+        (
+            "bound_keypair",
+            f'join method "bound_keypair" is not supported yet (supported: {SUPPORTED})',
+        ),
+        ("ec2", f'unknown join method "ec2" (supported: {SUPPORTED})'),
     ],
 )
-def test_join_methods_other_than_token_are_rejected(method: str, expected: str) -> None:
+def test_unimplemented_join_methods_are_rejected(method: str, expected: str) -> None:
     err = error_for(f"version: v2\nonboarding:\n  join_method: {method}\n")
     assert str(err) == f"{SOURCE}:3: onboarding.join_method: {expected}"
 

@@ -174,8 +174,8 @@ def test_proxy_flag_replaces_auth_server_from_the_file() -> None:
             '--renewal-interval: duration must be greater than zero, got "0s"',
         ),
         (
-            CLIOverrides(join_method="github"),
-            '--join-method: join method "github" is not supported yet',
+            CLIOverrides(join_method="azure"),
+            '--join-method: join method "azure" is not supported yet',
         ),
         (CLIOverrides(token=""), "--token: must not be empty"),
         (CLIOverrides(storage="s3://x"), '--storage: unrecognized destination scheme "s3"'),

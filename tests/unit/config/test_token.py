@@ -46,7 +46,7 @@ def test_repr_of_cli_overrides_hides_the_token() -> None:
         f"version: v2\nonboarding:\n  token: {TOKEN}\n  insecure: true\n  ca_path: /ca\n",
         f"version: v2\nonboarding:\n  token: '{TOKEN}\n",
         f"version: v2\nonboarding:\n  token: {TOKEN}\n  token: {TOKEN}\n",
-        f"version: v2\nonboarding:\n  token: {TOKEN}\n  join_method: github\n",
+        f"version: v2\nonboarding:\n  token: {TOKEN}\n  join_method: azure\n",
     ],
 )
 def test_config_errors_never_contain_the_token(text: str) -> None:

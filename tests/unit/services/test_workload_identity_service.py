@@ -47,7 +47,7 @@ X509_ARTIFACTS = {"svid.pem", "svid_key.pem", "svid_bundle.pem"}
 
 def _token(service: RunningAuthService, *, allowed: bool) -> str:
     cluster = service.cluster
-    admin.create_workload_identity(cluster, parse_workload_identity_yaml(RESOURCE))
+    admin.create_resource(cluster, parse_workload_identity_yaml(RESOURCE))
     labels = {"team": "payments"} if allowed else {"team": "other"}
     admin.create_role(
         cluster, new_role("wi", allow=RoleConditions(workload_identity_labels=labels))
