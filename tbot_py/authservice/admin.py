@@ -338,7 +338,7 @@ def delete_role(cluster: Cluster, name: str) -> None:
 
 
 def read_resource_file(path: Path) -> Role | Resource:
-    """Read a role, workload_identity or token YAML file, by its ``kind``.
+    """Read a role, workload_identity, token, app or db YAML file, by its ``kind``.
 
     Raises ConfigError for a bad document, BadParameter for an unreadable file.
     """
@@ -368,7 +368,7 @@ def kind_of(resource: Resource) -> ResourceKind[Any]:
 
 
 def create_resource(cluster: Cluster, resource: Resource, *, force: bool = False) -> bool:
-    """Store a workload identity or join token; True when it replaced one (only with ``force``)."""
+    """Store a resource of a listed kind; True when it replaced one (only with ``force``)."""
     kind = kind_of(resource)
     now = datetime.now(UTC)
     try:
@@ -480,13 +480,15 @@ def parse_resource_ref(text: str) -> tuple[str, str | None]:
     """``role/NAME`` as ``("role", NAME)``; ``roles`` (or ``role``) as ``("role", None)``.
 
     Likewise ``workload_identity/NAME`` and ``workload_identities``, ``token/NAME`` and
-    ``tokens``: the first element is the ``kind``.
+    ``tokens``, ``app/NAME`` and ``apps``, ``db/NAME`` and ``dbs``: the first element is
+    the ``kind``.
     """
     kind, slash, name = text.partition("/")
     if (slash and not name) or kind not in (*_ROLE_KINDS, *KINDS):
         raise BadParameter(
             f"unsupported resource {text[:80]!r}: use role/NAME, roles, "
-            "workload_identity/NAME, workload_identities, token/NAME or tokens"
+            "workload_identity/NAME, workload_identities, token/NAME, tokens, "
+            "app/NAME, apps, db/NAME or dbs"
         )
     return ("role" if kind in _ROLE_KINDS else KINDS[kind].kind), name or None
 

@@ -29,6 +29,7 @@ so is every lock the service creates (``lock.created``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import uuid
@@ -44,6 +45,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import tbot_py
 from tbot_py.authservice import _sql, audit, ca, rbac, workload
 from tbot_py.authservice.admin_api import AdminAPI, add_admin_routes
+from tbot_py.authservice.apps import (
+    KIND_APP,
+    KIND_DB,
+    App,
+    Database,
+    app_not_found,
+    database_not_found,
+    get_app,
+    get_database,
+)
 from tbot_py.authservice.bots_store import BotRecord, get_bot
 from tbot_py.authservice.cluster import Cluster
 from tbot_py.authservice.errors import (
@@ -51,6 +62,7 @@ from tbot_py.authservice.errors import (
     AuthServiceError,
     BadParameter,
     GenerationMismatch,
+    NotFound,
     StorageBusy,
 )
 from tbot_py.authservice.idtoken import IDTokenRejected
@@ -431,7 +443,11 @@ class AuthAPI:
         return web.json_response(text=answer.body)
 
     async def certs(self, request: web.Request) -> web.Response:
-        """``POST /v1/bot/certs``: an impersonated identity for an output."""
+        """``POST /v1/bot/certs``: an impersonated identity for an output.
+
+        A certificate routed to an app or a database names a stored ``app`` / ``db``
+        resource (:mod:`.apps`) that one of the requested roles allows.
+        """
         with self._audit("bot.issue", request) as fields:
             now = self.clock()
             caller = self._caller(request, now, fields)
@@ -439,6 +455,8 @@ class AuthAPI:
             req = wire.ImpersonateRequest.from_json(await _read_json(request))
             public_key = requested_public_key(req.keys)
             route = _route_of(req)
+            if route is not None:
+                fields["route"] = _route_resource(route)
 
             bot, stored = await self._admit(caller, now, with_roles=True)
             roles = tuple(dict.fromkeys(req.role_requests)) or bot.roles
@@ -447,6 +465,9 @@ class AuthAPI:
                     raise AccessDenied(f'role "{role[:64]}" is not allowed for bot "{bot.name}"')
             fields["roles"] = ",".join(roles)
             granted = _granted(bot, roles, stored, required=True)
+            if route is not None:
+                target = await self._read(functools.partial(_route_target, route=route))
+                _check_route(route, target, granted, bot.name)
             # An output never outlives the bot identity that asked for it, nor the
             # shortest max_session_ttl of its roles.
             not_after = caller.not_after
@@ -692,8 +713,8 @@ _MAX_ROUTE_FIELD = 253
 def _route_of(req: wire.ImpersonateRequest) -> TLSIdentity | None:
     """The RouteToApp / RouteToDatabase fields of ``req`` (None without a route).
 
-    Routing only: there is no app or database registry yet, so no ``app_labels`` /
-    ``db_labels`` check is made here; the roles requested are checked as for any output.
+    Only their shape is checked here; :func:`_check_route` decides whether the
+    requested roles may reach the app or database.
     """
     values = (req.route_to_app, req.route_to_db_service, req.route_to_db_user, req.route_to_db_name)
     if not any(values):
@@ -711,6 +732,40 @@ def _route_of(req: wire.ImpersonateRequest) -> TLSIdentity | None:
         db_user=req.route_to_db_user,
         db_name=req.route_to_db_name,
     )
+
+
+def _route_resource(route: TLSIdentity) -> str:
+    """How the audit log names a route's target: ``app/NAME`` or ``db/NAME``."""
+    if route.route_to_app:
+        return f"{KIND_APP}/{route.route_to_app}"
+    return f"{KIND_DB}/{route.db_service}"
+
+
+def _route_target(conn: _sql.Connection, *, route: TLSIdentity) -> App | Database | None:
+    """The stored app or database ``route`` names, or None, in a Storage transaction."""
+    if route.route_to_app:
+        return get_app(conn, route.route_to_app)
+    return get_database(conn, route.db_service)
+
+
+def _check_route(
+    route: TLSIdentity, target: App | Database | None, roles: Sequence[Role], bot_name: str
+) -> None:
+    """NotFound unless ``target`` (what ``route`` names) exists; AccessDenied unless allowed."""
+    if route.route_to_app:
+        if not isinstance(target, App):
+            raise NotFound(app_not_found(route.route_to_app))
+        decision = rbac.check_app_access(roles, target.name, target.labels)
+        what = f'app "{target.name}"'
+    else:
+        if not isinstance(target, Database):
+            raise NotFound(database_not_found(route.db_service))
+        decision = rbac.check_db_access(
+            roles, target.name, target.labels, route.db_user, route.db_name
+        )
+        what = f'database "{target.name}"'
+    if not decision.allowed:
+        raise AccessDenied(f'bot "{bot_name}" may not access {what}: {decision.reason}')
 
 
 def _peer_certificate(request: web.Request) -> bytes | None:

@@ -259,7 +259,7 @@ def emit(
 
 
 #: Call fields copied into ``details``; the rest is actor, resource or the server log only.
-_DETAILS = ("generation", "roles", "expires", "idempotent_retry", "join_method", "rejoin")
+_DETAILS = ("generation", "roles", "expires", "idempotent_retry", "join_method", "rejoin", "route")
 #: Details named by prefix: the identifying claims of an OIDC join (``claim.repository``).
 _DETAIL_PREFIXES = ("claim.",)
 
@@ -275,7 +275,7 @@ def audited_call(
 
     The handler fills the yielded dict: ``bot`` and ``instance`` once the
     caller is known, ``resource``, and details (``generation``, ``roles``,
-    ``expires``, ``idempotent_retry``). A denial is recorded with the status
+    ``expires``, ``idempotent_retry``, ``route``). A denial is recorded with the status
     and message the client gets (see ``app._error_middleware``).
     """
     fields: dict[str, Any] = {}

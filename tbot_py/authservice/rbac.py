@@ -1,6 +1,7 @@
 """Role-based access decisions: pure functions over :class:`~.roles.Role` values.
 
-Apps and MCP tools (:func:`check_app_access`), workload identities
+Apps and MCP tools (:func:`check_app_access`), databases (:func:`check_db_access`,
+``db_labels``, ``db_users``, ``db_names``), workload identities
 (:func:`check_workload_identity_access`, ``workload_identity_labels``), and what a
 certificate for a set of roles may carry (:func:`certificate_logins`, :func:`session_ttl_limit`).
 
@@ -24,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
-from tbot_py.authservice.roles import WILDCARD, Role, Traits, compile_pattern
+from tbot_py.authservice.roles import WILDCARD, Role, RoleConditions, Traits, compile_pattern
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,59 @@ def check_workload_identity_access(
                 True, f'allowed by role "{role.name}": workload_identity_labels {rules}'
             )
     return AccessDecision(False, f'no role allows workload identity "{name}"')
+
+
+def check_db_access(
+    roles: Sequence[Role],
+    db_name: str,
+    db_labels: Mapping[str, str],
+    db_user: str = "",
+    database: str = "",
+) -> AccessDecision:
+    """May a holder of ``roles`` reach database ``db_name`` as ``db_user`` on ``database``?
+
+    Deny wins: a role whose ``deny.db_labels`` match the database, or whose
+    ``deny.db_users`` / ``deny.db_names`` match the requested user / name, denies.
+    Otherwise one role must allow all of it: its ``allow.db_labels`` match and, for
+    each of ``db_user`` and ``database`` that is not empty, its ``db_users`` /
+    ``db_names`` match too.
+    """
+    for role in roles:
+        rules = _matched_rules(role.spec.deny.db_labels, db_labels)
+        if rules is not None:
+            return AccessDecision(False, f'denied by role "{role.name}": db_labels {rules}')
+        for field, pattern in _db_matches(role.spec.deny, db_user, database):
+            if pattern is not None:
+                return AccessDecision(False, f'denied by role "{role.name}": {field} {pattern}')
+    labels_granted = False
+    for role in roles:
+        rules = _matched_rules(role.spec.allow.db_labels, db_labels)
+        if rules is None:
+            continue
+        labels_granted = True
+        matches = _db_matches(role.spec.allow, db_user, database)
+        if all(pattern is not None for _, pattern in matches):
+            reason = ", ".join([f"db_labels {rules}", *(f"{f} {p}" for f, p in matches)])
+            return AccessDecision(True, f'allowed by role "{role.name}": {reason}')
+    if not labels_granted:
+        return AccessDecision(False, f'no role allows database "{db_name}"')
+    asked = " and ".join(
+        f'{field} "{value}"'
+        for field, value in (("db_user", db_user), ("db_name", database))
+        if value
+    )
+    return AccessDecision(False, f'no role allows {asked} on database "{db_name}"')
+
+
+def _db_matches(
+    conditions: RoleConditions, db_user: str, database: str
+) -> list[tuple[str, str | None]]:
+    """For the user and the name requested (if any): the field and its first matching pattern."""
+    asked = (
+        ("db_users", db_user, conditions.db_users),
+        ("db_names", database, conditions.db_names),
+    )
+    return [(field, _first_match(patterns, value)) for field, value, patterns in asked if value]
 
 
 def _matched_rules(

@@ -1,7 +1,8 @@
 """The stored resource kinds that share one shape: YAML in, a table of JSON rows, CRUD.
 
-``workload_identity`` and ``token`` (the OIDC join tokens) are each a pydantic model
-with a ``name``, a YAML parser and a store with ``put``/``get``/``list_all``/``delete``.
+``workload_identity``, ``token`` (the OIDC join tokens), ``app`` and ``db`` are each a
+pydantic model with a ``name``, a YAML parser and a store with
+``put``/``get``/``list_all``/``delete``.
 :mod:`.admin`, :mod:`.admin_api` and ``tbot-py auth create|get|rm`` handle every kind
 listed here the same way, through its :class:`ResourceKind`. Roles are not listed: a
 role in use by a bot can not be removed, and they have their own commands.
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from tbot_py.authservice import join_tokens, workload_identities
+from tbot_py.authservice import apps, join_tokens, workload_identities
+from tbot_py.authservice.apps import App, Database
 from tbot_py.authservice.join_tokens import JoinToken
 from tbot_py.authservice.workload_identities import WorkloadIdentity
 
@@ -85,6 +87,14 @@ def _join_token_row(resource: JoinToken) -> tuple[str, ...]:
     return resource.name, resource.join_method, resource.bot_name, expires
 
 
+def _app_row(resource: App) -> tuple[str, ...]:
+    return resource.name, resource.spec.uri, _labels(resource.labels)
+
+
+def _database_row(resource: Database) -> tuple[str, ...]:
+    return resource.name, resource.spec.protocol, resource.spec.uri, _labels(resource.labels)
+
+
 WORKLOAD_IDENTITY: ResourceKind[WorkloadIdentity] = ResourceKind(
     kind=workload_identities.KIND_WORKLOAD_IDENTITY,
     plural="workload_identities",
@@ -109,7 +119,31 @@ JOIN_TOKEN: ResourceKind[JoinToken] = ResourceKind(
     row=_join_token_row,
 )
 
-ALL_KINDS: tuple[ResourceKind[Any], ...] = (WORKLOAD_IDENTITY, JOIN_TOKEN)
+APP: ResourceKind[App] = ResourceKind(
+    kind=apps.KIND_APP,
+    plural="apps",
+    api_path="apps",
+    title="app",
+    parse_yaml=apps.parse_app_yaml,
+    from_data=apps.app_from_data,
+    store=lambda storage: storage.apps,
+    columns=("NAME", "URI", "LABELS"),
+    row=_app_row,
+)
+
+DATABASE: ResourceKind[Database] = ResourceKind(
+    kind=apps.KIND_DB,
+    plural="dbs",
+    api_path="dbs",
+    title="database",
+    parse_yaml=apps.parse_database_yaml,
+    from_data=apps.database_from_data,
+    store=lambda storage: storage.databases,
+    columns=("NAME", "PROTOCOL", "URI", "LABELS"),
+    row=_database_row,
+)
+
+ALL_KINDS: tuple[ResourceKind[Any], ...] = (WORKLOAD_IDENTITY, JOIN_TOKEN, APP, DATABASE)
 #: Every listed kind, by ``kind`` and by plural.
 KINDS: dict[str, ResourceKind[Any]] = {
     name: kind for kind in ALL_KINDS for name in (kind.kind, kind.plural)

@@ -13,6 +13,9 @@ would be silently ignored never looks like it is in force::
         logins: ['{{internal.logins}}', ubuntu]
         app_labels: {env: dev}
         workload_identity_labels: {team: payments}
+        db_labels: {env: dev}
+        db_names: [orders, 'test_*']
+        db_users: [reader]
         mcp: {tools: ['^(get|query|list|search|find)_.*$']}
         impersonate: {roles: [a, b]}
       deny: {}
@@ -258,8 +261,13 @@ class RoleConditions(_Strict):
     rules: tuple[ResourceRule, ...] = ()
     #: Which workload_identity resources a bot may get SVIDs for (same rules as app_labels).
     workload_identity_labels: dict[str, LabelValues] = {}
+    #: Which db resources a certificate may be routed to (same rules as app_labels).
+    db_labels: dict[str, LabelValues] = {}
+    #: Database names and users such a certificate may carry (globs or ``^regex$``).
+    db_names: tuple[Pattern, ...] = ()
+    db_users: tuple[Pattern, ...] = ()
 
-    @field_validator("app_labels", "workload_identity_labels")
+    @field_validator("app_labels", "workload_identity_labels", "db_labels")
     @classmethod
     def _check_selector_keys(cls, selector: dict[str, LabelValues]) -> dict[str, LabelValues]:
         problems: list[tuple[Loc, str]] = []
@@ -396,13 +404,20 @@ _ALL_APPS: dict[str, LabelValues] = {WILDCARD: WILDCARD}
 PRESET_ROLES: tuple[Role, ...] = (
     new_role(
         "access",
-        description="The bot's logins, every app and every MCP tool",
+        description="The bot's logins, every app, MCP tool and database",
         allow=RoleConditions(
-            logins=(LOGINS_TRAIT,), app_labels=_ALL_APPS, mcp=MCPRule(tools=(WILDCARD,))
+            logins=(LOGINS_TRAIT,),
+            app_labels=_ALL_APPS,
+            mcp=MCPRule(tools=(WILDCARD,)),
+            db_labels=_ALL_APPS,
+            db_names=(WILDCARD,),
+            db_users=(WILDCARD,),
         ),
     ),
     new_role(
-        "editor", description="Every app; no logins", allow=RoleConditions(app_labels=_ALL_APPS)
+        "editor",
+        description="Every app and database; no logins",
+        allow=RoleConditions(app_labels=_ALL_APPS, db_labels=_ALL_APPS),
     ),
     new_role("auditor", description="Allows nothing"),
 )

@@ -35,6 +35,30 @@ def seed_preset_roles(conn: _sql.Connection) -> None:
         )
 
 
+def grant_presets_databases(conn: _sql.Connection) -> None:
+    """Give the stored access and editor presets their db rules; a step of the v7 migration.
+
+    Only a preset whose spec is still the one seeded before v7 is changed; a preset
+    an admin edited, or removed, is left as it is.
+    """
+    presets = {role.name: role for role in PRESET_ROLES}
+    now = _sql.ts(datetime.now(UTC))
+    for name, stored in get_roles(conn, tuple(presets)).items():
+        preset = presets[name]
+        without_db = preset.spec.allow.model_copy(
+            update={"db_labels": {}, "db_names": (), "db_users": ()}
+        )
+        if without_db == preset.spec.allow or stored.spec != preset.spec.model_copy(
+            update={"allow": without_db}
+        ):
+            continue
+        upgraded = stored.model_copy(update={"spec": preset.spec})
+        conn.execute(
+            "UPDATE roles SET definition = ?, updated_at = ? WHERE name = ?",
+            (upgraded.model_dump_json(), now, name),
+        )
+
+
 def require_roles(conn: _sql.Connection, names: tuple[str, ...]) -> None:
     """Raise NotFound for the first of ``names`` that is not a stored role."""
     if not names:

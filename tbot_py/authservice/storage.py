@@ -24,8 +24,9 @@ reached through a ``Storage`` attribute that shares its transactions:
 ``bots`` (:mod:`.bots_store`), ``tokens`` (:mod:`.tokens_store`),
 ``instances`` (:mod:`.instances_store`), ``roles`` (:mod:`.roles_store`),
 ``locks`` (:mod:`.locks`), ``cert_authorities`` (:mod:`.ca_store`) and
-``workload_identities`` (:mod:`.workload_identities`) and ``join_tokens``
-(:mod:`.join_tokens`, the OIDC token resources).
+``workload_identities`` (:mod:`.workload_identities`), ``join_tokens``
+(:mod:`.join_tokens`, the OIDC token resources), ``apps`` and ``databases``
+(:mod:`.apps`).
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from tbot_py.authservice import _sql, join_tokens, locks, workload_identities
+from tbot_py.authservice import _sql, apps, join_tokens, locks, workload_identities
 from tbot_py.authservice.bots_store import BotStore
 from tbot_py.authservice.ca_store import CAStore
 from tbot_py.authservice.errors import AuthServiceError, StorageBusy
 from tbot_py.authservice.instances_store import InstanceStore
-from tbot_py.authservice.roles_store import RoleStore, seed_preset_roles
+from tbot_py.authservice.roles_store import RoleStore, grant_presets_databases, seed_preset_roles
 from tbot_py.authservice.tokens_store import TokenStore
 
 #: Bump when the schema changes and add a step to ``_MIGRATIONS``.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 BUSY_TIMEOUT_MS = 5000
 
 T = TypeVar("T")
@@ -128,6 +129,14 @@ _SCHEMA_V5 = (workload_identities.CREATE_TABLE,)
 # join tokens stay in join_tokens, by hash.
 _SCHEMA_V6 = (join_tokens.CREATE_TABLE,)
 
+# v7: app and db resources, which routed certificates must name (see apps.py), and
+# the db rules of the access and editor presets, when those are as seeded.
+_SCHEMA_V7: tuple[str | Callable[[_sql.Connection], None], ...] = (
+    apps.CREATE_APPS_TABLE,
+    apps.CREATE_DATABASES_TABLE,
+    grant_presets_databases,
+)
+
 _MIGRATIONS: dict[int, tuple[str | Callable[[_sql.Connection], None], ...]] = {
     1: _SCHEMA_V1,
     2: _SCHEMA_V2,
@@ -135,6 +144,7 @@ _MIGRATIONS: dict[int, tuple[str | Callable[[_sql.Connection], None], ...]] = {
     4: _SCHEMA_V4,
     5: _SCHEMA_V5,
     6: _SCHEMA_V6,
+    7: _SCHEMA_V7,
 }
 
 
@@ -271,6 +281,8 @@ class Storage:
         self.cert_authorities = CAStore(self._transaction)
         self.workload_identities = workload_identities.WorkloadIdentityStore(self._transaction)
         self.join_tokens = join_tokens.JoinTokenStore(self._transaction)
+        self.apps = apps.AppStore(self._transaction)
+        self.databases = apps.DatabaseStore(self._transaction)
 
     @classmethod
     def open(cls, path: Path) -> Storage:

@@ -1,8 +1,8 @@
 """``tbot-py auth create``, ``get`` and ``rm``: resources, tctl-style (``role/NAME``).
 
 Kinds: ``role`` (``role/NAME``, ``roles``), and the stored kinds of
-:mod:`tbot_py.authservice.resource_kinds`: ``workload_identity`` (``workload_identities``)
-and ``token``, the OIDC join tokens (``tokens``).
+:mod:`tbot_py.authservice.resource_kinds`: ``workload_identity`` (``workload_identities``),
+``token``, the OIDC join tokens (``tokens``), ``app`` (``apps``) and ``db`` (``dbs``).
 """
 
 from __future__ import annotations
@@ -32,13 +32,13 @@ if TYPE_CHECKING:
     "--filename",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="The resource YAML file (kind: role, workload_identity or token).",
+    help="The resource YAML file (kind: role, workload_identity, token, app or db).",
 )
 @click.option("--force", is_flag=True, help="Replace the resource if it exists.")
 @admin_target_option
 @user_errors
 def create(filename: Path, force: bool, data_dir: Path | None) -> None:
-    """Create a role, workload identity or join token from a YAML file (--force replaces)."""
+    """Create a role, workload identity, join token, app or db from YAML (--force replaces)."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.roles import Role
 
@@ -70,7 +70,7 @@ def create(filename: Path, force: bool, data_dir: Path | None) -> None:
 @admin_target_option
 @user_errors
 def get(resource: str, output_format: str, data_dir: Path | None) -> None:
-    """Show KIND/NAME as YAML, or list a kind: roles, workload_identities, tokens."""
+    """Show KIND/NAME as YAML, or list a kind: roles, workload_identities, tokens, apps, dbs."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.resource_kinds import KINDS
     from tbot_py.authservice.roles import role_from_data
@@ -124,7 +124,7 @@ def get(resource: str, output_format: str, data_dir: Path | None) -> None:
 @admin_target_option
 @user_errors
 def rm(resource: str, data_dir: Path | None) -> None:
-    """Delete role/NAME (refused while a bot uses it), workload_identity/NAME or token/NAME."""
+    """Delete KIND/NAME: a role (not while a bot uses it), workload_identity, token, app or db."""
     from tbot_py.authservice import admin
     from tbot_py.authservice.errors import BadParameter
     from tbot_py.authservice.resource_kinds import KINDS

@@ -290,6 +290,18 @@ spec:
   spiffe: {id: /svc/payments}
 """
 
+APP_YAML = """kind: app
+version: v3
+metadata: {name: grafana, labels: {env: dev}}
+spec: {uri: 'http://127.0.0.1:3000'}
+"""
+
+DB_YAML = """kind: db
+version: v3
+metadata: {name: orders, labels: {env: dev}}
+spec: {protocol: postgres, uri: '127.0.0.1:5432'}
+"""
+
 
 @pytest.mark.parametrize(
     "case",
@@ -303,6 +315,8 @@ spec:
             "workload identity",
             "team=payments",
         ),
+        (APP_YAML, "app", "apps", "grafana", "app", "http://127.0.0.1:3000"),
+        (DB_YAML, "db", "dbs", "orders", "database", "postgres"),
     ],
 )
 def test_stored_kinds_are_created_shown_and_removed_alike_locally_and_remotely(

@@ -131,7 +131,8 @@ def test_get_roles_lists_the_presets_and_created_roles(tmp_path: Path) -> None:
         (
             ["get", "user/alice"],
             "unsupported resource 'user/alice': use role/NAME, roles, "
-            "workload_identity/NAME, workload_identities, token/NAME or tokens",
+            "workload_identity/NAME, workload_identities, token/NAME, tokens, "
+            "app/NAME, apps, db/NAME or dbs",
         ),
         (["get", "role/"], "unsupported resource 'role/'"),
         (["rm", "role/ghost"], 'role "ghost" not found'),

@@ -250,3 +250,78 @@ def test_session_ttl_limit_is_the_shortest_role_ttl() -> None:
     assert rbac.session_ttl_limit([EVERYTHING, short]) == timedelta(minutes=30)
     assert rbac.session_ttl_limit([EVERYTHING]) == timedelta(hours=30)
     assert rbac.session_ttl_limit([]) is None
+
+
+# -- databases ---------------------------------------------------------------------------------
+
+
+def db_role(
+    name: str,
+    *,
+    allow: Selector | None = None,
+    users: Sequence[str] = (),
+    names: Sequence[str] = (),
+    deny: Selector | None = None,
+    deny_users: Sequence[str] = (),
+    deny_names: Sequence[str] = (),
+) -> Role:
+    return new_role(
+        name,
+        allow=RoleConditions.model_validate(
+            {"db_labels": allow or {}, "db_users": users, "db_names": names}
+        ),
+        deny=RoleConditions.model_validate(
+            {"db_labels": deny or {}, "db_users": deny_users, "db_names": deny_names}
+        ),
+    )
+
+
+DB_DEV = db_role("db-dev", allow={"env": "dev"}, users=["reader", "app_*"], names=["^orders_.*$"])
+DB_ANY = db_role("db-any", allow={"*": "*"}, users=["*"], names=["*"])
+DB_LABELS_ONLY = db_role("db-labels-only", allow={"env": "dev"})
+DB_NO_PROD = db_role("db-no-prod", deny={"env": "prod"})
+DB_NO_ROOT = db_role("db-no-root", deny_users=["root", "admin*"])
+DB_NO_SYSTEM = db_role("db-no-system", deny_names=["postgres", "template?"])
+PROD = {"env": "prod"}
+NO_DB = AccessDecision(False, 'no role allows database "db"')
+
+DB_ROWS: list[tuple[str, list[Role], dict[str, str], str, str, AccessDecision]] = [
+    ("labels-user-name", [DB_DEV], DEV, "reader", "orders_eu",
+     ok('allowed by role "db-dev": db_labels env=dev, db_users reader, db_names ^orders_.*$')),
+    ("user-glob", [DB_DEV], DEV, "app_web", "",
+     ok('allowed by role "db-dev": db_labels env=dev, db_users app_*')),
+    ("labels-only-when-nothing-asked", [DB_LABELS_ONLY], DEV, "", "",
+     ok('allowed by role "db-labels-only": db_labels env=dev')),
+    ("labels-only-role-does-not-allow-a-user", [DB_LABELS_ONLY], DEV, "reader", "",
+     AccessDecision(False, 'no role allows db_user "reader" on database "db"')),
+    ("name-not-matched", [DB_DEV], DEV, "reader", "billing",
+     AccessDecision(
+         False, 'no role allows db_user "reader" and db_name "billing" on database "db"')),
+    ("wrong-labels", [DB_DEV], PROD, "reader", "", NO_DB),
+    ("app-labels-do-not-grant-databases", [EVERYTHING], DEV, "", "", NO_DB),
+    ("one-role-must-allow-all", [DB_LABELS_ONLY, db_role("u", users=["reader"])], DEV, "reader",
+     "", AccessDecision(False, 'no role allows db_user "reader" on database "db"')),
+    ("second-role-allows", [DB_LABELS_ONLY, DB_ANY], DEV, "reader", "x",
+     ok('allowed by role "db-any": db_labels *=*, db_users *, db_names *')),
+    ("deny-labels-win", [DB_ANY, DB_NO_PROD], PROD, "", "",
+     AccessDecision(False, 'denied by role "db-no-prod": db_labels env=prod')),
+    ("deny-user-wins", [DB_ANY, DB_NO_ROOT], DEV, "admin_1", "",
+     AccessDecision(False, 'denied by role "db-no-root": db_users admin*')),
+    ("deny-name-wins", [DB_ANY, DB_NO_SYSTEM], DEV, "reader", "template1",
+     AccessDecision(False, 'denied by role "db-no-system": db_names template?')),
+    ("deny-user-ignored-when-not-asked", [DB_ANY, DB_NO_ROOT], DEV, "", "x",
+     ok('allowed by role "db-any": db_labels *=*, db_names *')),
+    ("only-denies", [DB_NO_PROD, DB_NO_ROOT], DEV, "", "", NO_DB),
+    ("no-roles", [], DEV, "reader", "x", NO_DB),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("roles", "labels", "user", "name", "expected"),
+    [row[1:] for row in DB_ROWS],
+    ids=[row[0] for row in DB_ROWS],
+)
+def test_check_db_access(
+    roles: list[Role], labels: dict[str, str], user: str, name: str, expected: AccessDecision
+) -> None:
+    assert rbac.check_db_access(roles, "db", labels, user, name) == expected

@@ -179,6 +179,66 @@ def test_several_problems_report_the_first_and_count_the_rest() -> None:
     assert str(err.value).endswith("(and 1 more error)")
 
 
+DB_ROLE_YAML = """\
+kind: role
+version: v7
+metadata: {name: db-reader}
+spec:
+  allow:
+    db_labels: {env: [dev, staging]}
+    db_users: [reader, 'app_*']
+    db_names: ['^orders_.*$']
+  deny:
+    db_labels: {env: prod}
+    db_users: [root]
+    db_names: [postgres]
+"""
+
+
+def test_db_rules_are_parsed_and_read_back_unchanged() -> None:
+    role = parse_role_yaml(DB_ROLE_YAML, "role.yaml")
+    assert role.spec.allow == RoleConditions(
+        db_labels={"env": ("dev", "staging")},
+        db_users=("reader", "app_*"),
+        db_names=("^orders_.*$",),
+    )
+    assert role.spec.deny == RoleConditions(
+        db_labels={"env": "prod"}, db_users=("root",), db_names=("postgres",)
+    )
+    assert parse_role_yaml(role.to_yaml()) == role
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "error"),
+    [
+        ("[reader, 'app_*']", "['{{internal.db_users}}']",
+         "role.yaml:7: spec.allow.db_users[0]: trait templates are only supported in logins, "
+         "not in pattern '{{internal.db_users}}'"),
+        ("['^orders_.*$']", "['^(orders$']",
+         "role.yaml:8: spec.allow.db_names[0]: invalid regular expression '^(orders$': "
+         "missing ), unterminated subpattern at position 1"),
+        ("{env: prod}", "{'*': prod}",
+         "role.yaml:10: spec.deny.db_labels.*: the label name '*' only works with the value '*'"),
+        ("db_names: [postgres]", "db_name: [postgres]",
+         'role.yaml:12: spec.deny.db_name: unknown key "db_name"; did you mean "db_names"?'),
+    ],
+)  # fmt: skip
+def test_db_rule_errors_name_file_line_and_key(old: str, new: str, error: str) -> None:
+    assert DB_ROLE_YAML.count(old) == 1, old
+    with pytest.raises(ConfigError) as err:
+        parse_role_yaml(DB_ROLE_YAML.replace(old, new), "role.yaml")
+    assert str(err.value) == error
+
+
+def test_the_access_and_editor_presets_allow_every_database() -> None:
+    presets = {role.name: role for role in PRESET_ROLES}
+    access, editor = presets["access"].spec.allow, presets["editor"].spec.allow
+    assert access.db_labels == editor.db_labels == {"*": "*"}
+    assert (access.db_users, access.db_names) == (("*",), ("*",))
+    assert (editor.db_users, editor.db_names) == ((), ())
+    assert presets["auditor"].spec.allow == RoleConditions()
+
+
 def test_roles_built_in_code_are_validated_too() -> None:
     with pytest.raises(ValueError, match="invalid regular expression"):
         new_role("x", allow=RoleConditions.model_validate({"app_labels": {"env": "^(x$"}}))

@@ -403,7 +403,7 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert "renewal_answer" not in dict(_columns(path))
 
     store = Storage.open(path)
-    assert store.schema_version() == SCHEMA_VERSION == 6
+    assert store.schema_version() == SCHEMA_VERSION == 7
     fresh = tmp_path / "fresh.db"
     Storage.open(fresh)
     assert _columns(path) == _columns(fresh)
@@ -424,7 +424,7 @@ def test_version_1_database_is_migrated_and_keeps_its_data(tmp_path: Path) -> No
     assert _renew(store, 1, instance="i-1") == RenewalAnswer(
         generation=2, body=first.body, expires=first.expires, retry=True
     )
-    assert Storage.open(path).schema_version() == 6  # reopening is a no-op
+    assert Storage.open(path).schema_version() == 7  # reopening is a no-op
 
 
 # v2 as tbot-py created it: v1 plus the renewal columns, frozen here.
@@ -461,7 +461,7 @@ def test_version_2_database_is_migrated_with_the_preset_roles(tmp_path: Path) ->
         conn.close()
 
     store = Storage.open(path)
-    assert store.schema_version() == 6
+    assert store.schema_version() == 7
     assert [role.name for role in store.roles.list_all()] == ["access", "auditor", "editor"]
     access = store.roles.get("access")
     assert access is not None
@@ -471,7 +471,7 @@ def test_version_2_database_is_migrated_with_the_preset_roles(tmp_path: Path) ->
     assert access.max_session_ttl == timedelta(hours=30)
     editor = store.roles.get("editor")
     assert editor is not None
-    assert editor.spec.allow == RoleConditions(app_labels={"*": "*"})
+    assert editor.spec.allow == RoleConditions(app_labels={"*": "*"}, db_labels={"*": "*"})
     auditor = store.roles.get("auditor")
     assert auditor is not None and auditor.spec.allow == RoleConditions()
     assert store.roles.list_all() == sorted(PRESET_ROLES, key=lambda r: r.name)
@@ -535,7 +535,7 @@ def test_version_3_database_is_migrated_to_4_with_no_locks_and_keeps_its_renewal
         conn.close()
 
     store = Storage.open(path)
-    assert store.schema_version() == SCHEMA_VERSION == 6
+    assert store.schema_version() == SCHEMA_VERSION == 7
     fresh = tmp_path / "fresh.db"
     Storage.open(fresh)
     assert _columns(path, "locks") == _columns(fresh, "locks") != []
@@ -556,6 +556,44 @@ def test_version_3_database_is_migrated_to_4_with_no_locks_and_keeps_its_renewal
 def test_new_database_has_the_preset_roles(tmp_path: Path) -> None:
     store = Storage.open(tmp_path / "state.db")
     assert store.roles.list_all() == sorted(PRESET_ROLES, key=lambda r: r.name)
+
+
+def test_version_6_database_gets_app_and_db_tables_and_unedited_presets_gain_db_rules(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.db"
+    Storage.open(path)
+    access = PRESET_ROLES[0]
+    # The access preset as v6 seeded it, and an editor since edited by an admin.
+    old_access = new_role(
+        "access",
+        description=access.metadata.description,
+        allow=RoleConditions(
+            logins=(LOGINS_TRAIT,), app_labels={"*": "*"}, mcp=MCPRule(tools=("*",))
+        ),
+    )
+    edited_editor = new_role("editor", allow=RoleConditions(app_labels={"env": "dev"}))
+    conn = sqlite3.connect(path)
+    try:
+        with conn:
+            conn.execute("DROP TABLE apps")
+            conn.execute("DROP TABLE databases")
+            for role in (old_access, edited_editor):
+                conn.execute(
+                    "UPDATE roles SET definition = ? WHERE name = ?",
+                    (role.model_dump_json(), role.name),
+                )
+        conn.execute("PRAGMA user_version = 6")
+    finally:
+        conn.close()
+
+    store = Storage.open(path)
+    assert store.schema_version() == 7
+    assert store.apps.list_all() == [] and store.databases.list_all() == []
+    assert store.roles.get("access") == access
+    assert store.roles.get("editor") == edited_editor
+    Storage.open(path)  # reopening is a no-op
+    assert store.roles.get("editor") == edited_editor
 
 
 def test_roles_are_created_replaced_only_with_overwrite_read_and_deleted(

@@ -13,6 +13,14 @@ import pytest
 from cryptography import x509
 
 from tbot_py.authservice import admin
+from tbot_py.authservice.apps import (
+    App,
+    AppMetadata,
+    AppSpec,
+    Database,
+    DatabaseMetadata,
+    DatabaseSpec,
+)
 from tbot_py.authservice.roles import RoleConditions, new_role
 from tbot_py.authservice.server import RunningAuthService
 from tbot_py.bot.identity import JoinParams, fresh_public_keys, obtain_bot_identity
@@ -31,8 +39,30 @@ TTL = timedelta(minutes=30)
 T = TypeVar("T")
 
 
+GRAFANA = App(
+    metadata=AppMetadata(name="grafana", labels={"env": "dev"}),
+    spec=AppSpec(uri="http://127.0.0.1:3000"),
+)
+PG = Database(
+    metadata=DatabaseMetadata(name="pg", labels={"env": "dev"}),
+    spec=DatabaseSpec(protocol="postgres", uri="127.0.0.1:5432"),
+)
+#: Routes to the dev app and database, as user alice on database orders.
+DEV_ROUTES = new_role(
+    "apps",
+    allow=RoleConditions(
+        app_labels={"env": "dev"},
+        db_labels={"env": "dev"},
+        db_users=("alice",),
+        db_names=("orders",),
+    ),
+)
+
+
 def _with_bot(service: RunningAuthService, use: Callable[[BotContext], Awaitable[T]]) -> T:
-    admin.create_role(service.cluster, new_role("apps", allow=RoleConditions()))
+    for resource in (GRAFANA, PG):
+        admin.create_resource(service.cluster, resource)
+    admin.create_role(service.cluster, DEV_ROUTES)
     token = admin.add_bot(service.cluster, "robot", roles=("apps",)).token.token
 
     async def main() -> T:
