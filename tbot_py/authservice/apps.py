@@ -24,22 +24,18 @@ service only checks their shape.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
-from datetime import datetime
-from typing import Annotated, Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from tbot_py.authservice import _sql
-from tbot_py.authservice.errors import AlreadyExists, AuthServiceError, NotFound
+from tbot_py.authservice.resource_table import NamedMetadata, ResourceTable, StoredResource
 from tbot_py.authservice.roles import NAME_RE, _Strict
 from tbot_py.authservice.workload_identities import _check_labels
 from tbot_py.config._checks import config_problem
 from tbot_py.config.loader import _parse_yaml, config_error_from_validation
-from tbot_py.errors import ConfigError
 
 KIND_APP = "app"
 KIND_DB = "db"
@@ -124,8 +120,7 @@ def _check_header(value: str) -> str:
     return value
 
 
-class _Metadata(_Strict):
-    name: str
+class _Metadata(NamedMetadata):
     labels: Annotated[dict[str, str], AfterValidator(_check_labels)] = Field(default_factory=dict)
     description: str = ""
 
@@ -181,45 +176,17 @@ class DatabaseSpec(_Strict):
     uri: Annotated[str, AfterValidator(_check_host_port)]
 
 
-class _Resource(_Strict):
-    """What apps and dbs share: kind and version checks, name, labels, JSON and YAML."""
+class _Resource(StoredResource):
+    """What apps and dbs share besides :class:`StoredResource`: labels."""
 
-    KIND: ClassVar[str]
-    kind: str
+    VERSION: ClassVar[str] = VERSION
     version: str = VERSION
     metadata: _Metadata
-
-    @field_validator("kind")
-    @classmethod
-    def _check_kind(cls, kind: str) -> str:
-        if kind != cls.KIND:
-            raise config_problem(f'unsupported kind "{kind}"; expected "{cls.KIND}"')
-        return kind
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, version: str) -> str:
-        if version != VERSION:
-            raise config_problem(f'unsupported version "{version}"; use "{VERSION}"')
-        return version
-
-    @property
-    def name(self) -> str:
-        """``metadata.name``."""
-        return self.metadata.name
 
     @property
     def labels(self) -> Mapping[str, str]:
         """``metadata.labels``."""
         return self.metadata.labels
-
-    def to_json(self) -> dict[str, Any]:
-        """The resource as plain JSON data (unset optional parts left out)."""
-        return self.model_dump(mode="json", exclude_none=True)
-
-    def to_yaml(self) -> str:
-        """The resource as YAML that its parser reads back."""
-        return yaml.safe_dump(self.to_json(), sort_keys=False, allow_unicode=True)
 
 
 class App(_Resource):
@@ -287,86 +254,7 @@ def database_not_found(name: str) -> str:
     return f'database "{name}" not found; create it with tbot-py auth create -f db.yaml'
 
 
-class _Table(Generic[M]):
-    """One resource table: rows of name and JSON definition."""
-
-    TABLE: ClassVar[str]
-    TITLE: ClassVar[str]
-    HINT: ClassVar[str]
-
-    def __init__(self, transaction: _sql.Transaction) -> None:
-        self._transaction = transaction
-
-    def put(self, resource: M, now: datetime, *, overwrite: bool = False) -> bool:
-        """Store ``resource``; True when it replaced one. AlreadyExists unless ``overwrite``."""
-        with self._transaction(write=True) as conn:
-            exists = (
-                conn.execute(
-                    f"SELECT 1 FROM {self.TABLE} WHERE name = ?",  # noqa: S608
-                    (resource.name,),
-                ).fetchone()
-                is not None
-            )
-            if exists and not overwrite:
-                raise AlreadyExists(f'{self.TITLE} "{resource.name}" already exists')
-            conn.execute(
-                f"INSERT INTO {self.TABLE} (name, definition, created_at, updated_at) "  # noqa: S608
-                "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-                "definition = excluded.definition, updated_at = excluded.updated_at",
-                (resource.name, json.dumps(resource.to_json()), _sql.ts(now), _sql.ts(now)),
-            )
-        return exists
-
-    def get(self, name: str) -> M | None:
-        """The resource called ``name``, or None."""
-        with self._transaction() as conn:
-            return self.read(conn, name)
-
-    @classmethod
-    def read(cls, conn: _sql.Connection, name: str) -> M | None:
-        """The resource called ``name``, or None, in a Storage transaction."""
-        row = conn.execute(
-            f"SELECT definition FROM {cls.TABLE} WHERE name = ?",  # noqa: S608
-            (name,),
-        ).fetchone()
-        return None if row is None else cls._from_json(name, str(row[0]))
-
-    def list_all(self) -> list[M]:
-        """Every resource, by name."""
-        with self._transaction() as conn:
-            rows = conn.execute(
-                f"SELECT name, definition FROM {self.TABLE} ORDER BY name"  # noqa: S608
-            ).fetchall()
-        return [self._from_json(str(name), str(text)) for name, text in rows]
-
-    def delete(self, name: str) -> None:
-        """Delete ``name``; NotFound when there is none."""
-        with self._transaction(write=True) as conn:
-            deleted = conn.execute(
-                f"DELETE FROM {self.TABLE} WHERE name = ?",  # noqa: S608
-                (name,),
-            )
-            if deleted.rowcount != 1:
-                raise NotFound(f'{self.TITLE} "{name}" not found')
-
-    @classmethod
-    def _validate(cls, data: Any) -> M:
-        raise NotImplementedError
-
-    @classmethod
-    def _from_json(cls, name: str, text: str) -> M:
-        try:
-            return cls._validate(json.loads(text))
-        except (ValueError, ConfigError):
-            pass
-        # Not chained: the error would quote the stored definition.
-        raise AuthServiceError(
-            f'stored {cls.TITLE} "{name}" is damaged; replace it with '
-            f"tbot-py auth create -f {cls.HINT} --force"
-        )
-
-
-class AppStore(_Table[App]):
+class AppStore(ResourceTable[App]):
     """The apps table, used through ``Storage.apps``."""
 
     TABLE = "apps"
@@ -374,11 +262,11 @@ class AppStore(_Table[App]):
     HINT = "app.yaml"
 
     @classmethod
-    def _validate(cls, data: Any) -> App:
+    def validate(cls, data: Any) -> App:
         return app_from_data(data)
 
 
-class DatabaseStore(_Table[Database]):
+class DatabaseStore(ResourceTable[Database]):
     """The databases table, used through ``Storage.databases``."""
 
     TABLE = "databases"
@@ -386,7 +274,7 @@ class DatabaseStore(_Table[Database]):
     HINT = "db.yaml"
 
     @classmethod
-    def _validate(cls, data: Any) -> Database:
+    def validate(cls, data: Any) -> Database:
         return database_from_data(data)
 
 

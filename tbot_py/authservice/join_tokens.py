@@ -27,10 +27,9 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import jwt
-import yaml
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydantic import (
     AfterValidator,
@@ -42,11 +41,10 @@ from pydantic import (
 )
 
 from tbot_py.authservice import _sql
-from tbot_py.authservice.errors import AlreadyExists, AuthServiceError, NotFound
+from tbot_py.authservice.resource_table import NamedMetadata, ResourceTable, StoredResource
 from tbot_py.authservice.roles import NAME_RE, _Strict
 from tbot_py.config._checks import KNOWN_JOIN_METHODS, config_problem
 from tbot_py.config.loader import _parse_yaml, config_error_from_validation
-from tbot_py.errors import ConfigError
 
 KIND_TOKEN = "token"  # noqa: S105 - a resource kind, not a secret
 VERSION = "v2"
@@ -279,7 +277,7 @@ def _non_empty_allow(value: list[Any]) -> list[Any]:
 # --- models ------------------------------------------------------------------------------------
 
 
-class JoinTokenMetadata(_Strict):
+class JoinTokenMetadata(NamedMetadata):
     """``metadata``: the token's name (what bots put in ``onboarding.token``) and its expiry."""
 
     name: Annotated[str, AfterValidator(_check_name)]
@@ -484,32 +482,15 @@ class JoinTokenSpec(_Strict):
         return self
 
 
-class JoinToken(_Strict):
+class JoinToken(StoredResource):
     """A ``token`` resource."""
 
+    KIND: ClassVar[str] = KIND_TOKEN
+    VERSION: ClassVar[str] = VERSION
     kind: str = KIND_TOKEN
     version: str = VERSION
     metadata: JoinTokenMetadata
     spec: JoinTokenSpec
-
-    @field_validator("kind")
-    @classmethod
-    def _check_kind(cls, kind: str) -> str:
-        if kind != KIND_TOKEN:
-            raise config_problem(f'unsupported kind "{kind[:64]}"; expected "{KIND_TOKEN}"')
-        return kind
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, version: str) -> str:
-        if version != VERSION:
-            raise config_problem(f'unsupported version "{version[:64]}"; use "{VERSION}"')
-        return version
-
-    @property
-    def name(self) -> str:
-        """``metadata.name``: what a bot puts in ``onboarding.token``."""
-        return self.metadata.name
 
     @property
     def join_method(self) -> str:
@@ -529,10 +510,6 @@ class JoinToken(_Strict):
     def expired(self, now: datetime) -> bool:
         """Whether joins with this token are refused at ``now`` because it expired."""
         return self.expires is not None and now >= self.expires
-
-    def to_yaml(self) -> str:
-        """The resource as YAML that :func:`parse_join_token_yaml` reads back."""
-        return yaml.safe_dump(self.to_json(), sort_keys=False, allow_unicode=True)
 
     def to_json(self) -> dict[str, Any]:
         """The resource as plain JSON data, leaving out unset optional keys."""
@@ -574,70 +551,18 @@ def join_token_not_found(name: str) -> str:
     return f'join token "{name}" not found; create it with tbot-py auth create -f token.yaml'
 
 
+class JoinTokenStore(ResourceTable[JoinToken]):
+    """The join_token_resources table, used through ``Storage.join_tokens``."""
+
+    TABLE = "join_token_resources"
+    TITLE = "join token"
+    HINT = "token.yaml"
+
+    @classmethod
+    def validate(cls, data: Any) -> JoinToken:
+        return join_token_from_data(data)
+
+
 def get_join_token(conn: _sql.Connection, name: str) -> JoinToken | None:
     """The token resource called ``name``, or None, in a Storage transaction."""
-    row = conn.execute(
-        "SELECT definition FROM join_token_resources WHERE name = ?", (name,)
-    ).fetchone()
-    return None if row is None else _from_json(name, str(row[0]))
-
-
-def list_join_tokens(conn: _sql.Connection) -> list[JoinToken]:
-    """Every stored token resource, by name, in a Storage transaction."""
-    rows = conn.execute("SELECT name, definition FROM join_token_resources ORDER BY name")
-    return [_from_json(str(name), str(text)) for name, text in rows.fetchall()]
-
-
-class JoinTokenStore:
-    """The join_token_resources table, used through the Storage."""
-
-    def __init__(self, transaction: _sql.Transaction) -> None:
-        self._transaction = transaction
-
-    def put(self, resource: JoinToken, now: datetime, *, overwrite: bool = False) -> bool:
-        """Store ``resource``; True when it replaced one. AlreadyExists unless ``overwrite``."""
-        with self._transaction(write=True) as conn:
-            exists = (
-                conn.execute(
-                    "SELECT 1 FROM join_token_resources WHERE name = ?", (resource.name,)
-                ).fetchone()
-                is not None
-            )
-            if exists and not overwrite:
-                raise AlreadyExists(f'join token "{resource.name}" already exists')
-            conn.execute(
-                "INSERT INTO join_token_resources (name, definition, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-                "definition = excluded.definition, updated_at = excluded.updated_at",
-                (resource.name, json.dumps(resource.to_json()), _sql.ts(now), _sql.ts(now)),
-            )
-        return exists
-
-    def get(self, name: str) -> JoinToken | None:
-        """The token resource called ``name``, or None."""
-        with self._transaction() as conn:
-            return get_join_token(conn, name)
-
-    def list_all(self) -> list[JoinToken]:
-        """Every token resource, by name."""
-        with self._transaction() as conn:
-            return list_join_tokens(conn)
-
-    def delete(self, name: str) -> None:
-        """Delete ``name``; NotFound when there is none."""
-        with self._transaction(write=True) as conn:
-            deleted = conn.execute("DELETE FROM join_token_resources WHERE name = ?", (name,))
-            if deleted.rowcount != 1:
-                raise NotFound(f'join token "{name}" not found')
-
-
-def _from_json(name: str, text: str) -> JoinToken:
-    try:
-        return join_token_from_data(json.loads(text))
-    except (ValueError, ConfigError):
-        pass
-    # Not chained: the error would quote the stored definition.
-    raise AuthServiceError(
-        f'stored join token "{name}" is damaged; replace it with '
-        "tbot-py auth create -f token.yaml --force"
-    )
+    return JoinTokenStore.read(conn, name)

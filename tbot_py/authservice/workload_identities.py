@@ -19,22 +19,19 @@ other ``{{...}}`` is refused when the file is read.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-import yaml
-from pydantic import AfterValidator, Field, ValidationError, field_validator
+from pydantic import AfterValidator, Field, ValidationError
 
 from tbot_py.authservice import _sql, rbac
-from tbot_py.authservice.errors import AccessDenied, AlreadyExists, AuthServiceError, NotFound
+from tbot_py.authservice.errors import AccessDenied, NotFound
+from tbot_py.authservice.resource_table import NamedMetadata, ResourceTable, StoredResource
 from tbot_py.authservice.roles import NAME_RE, Role, _Strict
 from tbot_py.authservice.workload import spiffe_path_problem
 from tbot_py.config._checks import config_problem
 from tbot_py.config.loader import _parse_yaml, config_error_from_validation
-from tbot_py.errors import ConfigError
 
 KIND_WORKLOAD_IDENTITY = "workload_identity"
 VERSION = "v1"
@@ -80,7 +77,7 @@ def _check_spiffe_path(value: str) -> str:
     return value
 
 
-class WorkloadIdentityMetadata(_Strict):
+class WorkloadIdentityMetadata(NamedMetadata):
     """``metadata``: the name, labels that roles select on, and a description."""
 
     name: Annotated[str, AfterValidator(_check_name)]
@@ -100,32 +97,15 @@ class WorkloadIdentitySpec(_Strict):
     spiffe: SPIFFESpec
 
 
-class WorkloadIdentity(_Strict):
+class WorkloadIdentity(StoredResource):
     """A workload_identity resource."""
 
+    KIND: ClassVar[str] = KIND_WORKLOAD_IDENTITY
+    VERSION: ClassVar[str] = VERSION
     kind: str = KIND_WORKLOAD_IDENTITY
     version: str = VERSION
     metadata: WorkloadIdentityMetadata
     spec: WorkloadIdentitySpec
-
-    @field_validator("kind")
-    @classmethod
-    def _check_kind(cls, kind: str) -> str:
-        if kind != KIND_WORKLOAD_IDENTITY:
-            raise config_problem(f'unsupported kind "{kind}"; expected "{KIND_WORKLOAD_IDENTITY}"')
-        return kind
-
-    @field_validator("version")
-    @classmethod
-    def _check_version(cls, version: str) -> str:
-        if version != VERSION:
-            raise config_problem(f'unsupported version "{version}"; use "{VERSION}"')
-        return version
-
-    @property
-    def name(self) -> str:
-        """``metadata.name``."""
-        return self.metadata.name
 
     @property
     def labels(self) -> Mapping[str, str]:
@@ -135,14 +115,6 @@ class WorkloadIdentity(_Strict):
     def spiffe_path(self, bot_name: str) -> str:
         """``spec.spiffe.id`` with ``{{user.bot_name}}`` replaced by ``bot_name``."""
         return _TEMPLATE_RE.sub(bot_name, self.spec.spiffe.id)
-
-    def to_yaml(self) -> str:
-        """The resource as YAML that :func:`parse_workload_identity_yaml` reads back."""
-        return yaml.safe_dump(self.to_json(), sort_keys=False, allow_unicode=True)
-
-    def to_json(self) -> dict[str, Any]:
-        """The resource as plain JSON data."""
-        return self.model_dump(mode="json")
 
 
 def parse_workload_identity_yaml(
@@ -172,56 +144,21 @@ def workload_identity_not_found(name: str) -> str:
     )
 
 
-def list_workload_identities(conn: _sql.Connection) -> list[WorkloadIdentity]:
-    """Every stored workload identity, by name, in a Storage transaction."""
-    rows = conn.execute("SELECT name, definition FROM workload_identities ORDER BY name").fetchall()
-    return [_from_json(str(name), str(text)) for name, text in rows]
-
-
-class WorkloadIdentityStore:
+class WorkloadIdentityStore(ResourceTable[WorkloadIdentity]):
     """The workload_identities table, used through ``Storage.workload_identities``."""
 
-    def __init__(self, transaction: _sql.Transaction) -> None:
-        self._transaction = transaction
+    TABLE = "workload_identities"
+    TITLE = "workload identity"
+    HINT = "workload_identity.yaml"
 
-    def put(self, resource: WorkloadIdentity, now: datetime, *, overwrite: bool = False) -> bool:
-        """Store ``resource``; True when it replaced one. AlreadyExists unless ``overwrite``."""
-        with self._transaction(write=True) as conn:
-            exists = (
-                conn.execute(
-                    "SELECT 1 FROM workload_identities WHERE name = ?", (resource.name,)
-                ).fetchone()
-                is not None
-            )
-            if exists and not overwrite:
-                raise AlreadyExists(f'workload identity "{resource.name}" already exists')
-            conn.execute(
-                "INSERT INTO workload_identities (name, definition, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (name) DO UPDATE SET "
-                "definition = excluded.definition, updated_at = excluded.updated_at",
-                (resource.name, resource.model_dump_json(), _sql.ts(now), _sql.ts(now)),
-            )
-        return exists
+    @classmethod
+    def validate(cls, data: Any) -> WorkloadIdentity:
+        return workload_identity_from_data(data)
 
-    def get(self, name: str) -> WorkloadIdentity | None:
-        """The workload identity called ``name``, or None."""
-        with self._transaction() as conn:
-            row = conn.execute(
-                "SELECT definition FROM workload_identities WHERE name = ?", (name,)
-            ).fetchone()
-        return None if row is None else _from_json(name, str(row[0]))
 
-    def list_all(self) -> list[WorkloadIdentity]:
-        """Every workload identity, by name."""
-        with self._transaction() as conn:
-            return list_workload_identities(conn)
-
-    def delete(self, name: str) -> None:
-        """Delete ``name``; NotFound when there is none."""
-        with self._transaction(write=True) as conn:
-            deleted = conn.execute("DELETE FROM workload_identities WHERE name = ?", (name,))
-            if deleted.rowcount != 1:
-                raise NotFound(f'workload identity "{name}" not found')
+def list_workload_identities(conn: _sql.Connection) -> list[WorkloadIdentity]:
+    """Every stored workload identity, by name, in a Storage transaction."""
+    return WorkloadIdentityStore.read_all(conn)
 
 
 def choose_workload_identity(
@@ -259,16 +196,4 @@ def choose_workload_identity(
     shown = ", ".join(f"{key}={value}" for key, value in sorted(wanted.items()))
     raise AccessDenied(
         f'no workload identity with labels {shown[:200]} is allowed for bot "{bot_name}"'
-    )
-
-
-def _from_json(name: str, text: str) -> WorkloadIdentity:
-    try:
-        return workload_identity_from_data(json.loads(text))
-    except (ValueError, ConfigError):
-        pass
-    # Not chained: the error would quote the stored definition.
-    raise AuthServiceError(
-        f'stored workload identity "{name}" is damaged; replace it with '
-        "tbot-py auth create -f workload_identity.yaml --force"
     )

@@ -20,7 +20,8 @@ config management replace a file by rename, and a watch on the old inode goes
 stale. An output's files live in version directories (destinations.layout), so
 :class:`DirectoryWatcher` watches two directories per output: the output
 directory (the flat names and ``..data``) and the version ``..data`` points at,
-moved to the new version whenever ``..data`` moves. A recursive watch would
+moved to the new version whenever ``..data`` moves, plus that version's
+subdirectories that hold watched files (``cockroach/node.key``). A recursive watch would
 also see every file of every version the daemon builds and prunes, some 150
 events per write. The kernel is asked only for changes (create, delete, move,
 modify, attrib), never for opens and closes, which readers and our own checks
@@ -234,8 +235,23 @@ def _artifact_path(directory: str, file: str) -> tuple[str, str | None]:
 
     ``file`` is a link into the current version (``..data/file``, see
     destinations.layout); a plain file (an old layout) is checked as it is.
+    ``dir/file`` is reached through the link ``dir -> ..data/dir``.
     """
+    sub, _, leaf = file.rpartition("/")
+    if not sub:
+        return _entry_path(directory, file)
     path = os.path.join(directory, file)
+    top, problem = _entry_path(directory, sub)
+    if problem is None and os.path.islink(top):
+        problem = "was replaced by a symlink"
+    if problem is not None:
+        return path, f"({sub}) {problem}"
+    return os.path.join(top, leaf), None
+
+
+def _entry_path(directory: str, name: str) -> tuple[str, str | None]:
+    """Where the top-level entry ``name`` leads in the current version, or what is wrong."""
+    path = os.path.join(directory, name)
     try:
         target = os.readlink(path)
     except FileNotFoundError:
@@ -244,9 +260,9 @@ def _artifact_path(directory: str, file: str) -> tuple[str, str | None]:
         if exc.errno != errno.EINVAL:  # EINVAL: not a symlink, so a plain file
             return path, f"cannot be read ({_why(exc)})"
         return path, None
-    if target != link_target(file):
+    if target != link_target(name):
         return path, f"was replaced by a symlink to {target}"
-    return os.path.join(directory, DATA_LINK, file), None
+    return os.path.join(directory, DATA_LINK, name), None
 
 
 def _tampering(directory: str, file: str, expected: bytes) -> str | None:  # noqa: PLR0911
@@ -294,6 +310,9 @@ class DirectoryWatcher:
         self._names_by_directory: dict[str, tuple[str, ...]] = {}
         # Output directory -> the version directory watched in it (what ..data pointed at).
         self._versions: dict[str, str] = {}
+        # Output directory -> subdirectories of that version watched too.
+        self._version_subdirs: dict[str, list[str]] = {}
+        self._subdirs_by_directory: dict[str, frozenset[str]] = {}
         self._observer = _Observer(loop, self._on_change, "changes to outputs", CHANGES)
         self._started = False
         self._stopped = False
@@ -377,14 +396,26 @@ class DirectoryWatcher:
         except OSError:
             target = ""  # no ..data (not written yet, an old layout, or deleted)
         version = os.path.join(directory, target) if is_version_name(target) else None
-        if version == self._versions.get(directory):
-            return
-        self._drop_version(directory)
+        if version != self._versions.get(directory):
+            self._drop_version(directory)
+            if version is not None:
+                self._versions[directory] = version
+                self._observer.add(version, missing_ok=True)
         if version is not None:
-            self._versions[directory] = version
-            self._observer.add(version, missing_ok=True)
+            self._watch_subdirs(directory, version)
+
+    def _watch_subdirs(self, directory: str, version: str) -> None:
+        """Watch the version's subdirectories that hold watched files (non-recursive watches)."""
+        watched = self._version_subdirs.setdefault(directory, [])
+        for sub in sorted(self._subdirs_by_directory.get(directory, ())):
+            path = os.path.join(version, sub)
+            if path not in watched:
+                watched.append(path)
+                self._observer.add(path, missing_ok=True)
 
     def _drop_version(self, directory: str) -> None:
+        for path in self._version_subdirs.pop(directory, []):
+            self._observer.remove(path)
         version = self._versions.pop(directory, None)
         if version is not None:
             self._observer.remove(version)
@@ -392,13 +423,21 @@ class DirectoryWatcher:
     def _reindex(self) -> None:
         by_path: dict[str, tuple[str, ...]] = {}
         by_directory: dict[str, tuple[str, ...]] = {}
+        subdirs: dict[str, frozenset[str]] = {}
         for name, output in self._outputs.items():
             by_directory[output.directory] = (*by_directory.get(output.directory, ()), name)
             for file in output.files:
-                path = os.path.join(output.directory, file)
-                by_path[path] = (*by_path.get(path, ()), name)
+                sub = file.rpartition("/")[0]
+                # A file in a subdirectory also changes with the subdirectory's entry.
+                for indexed in (file, sub) if sub else (file,):
+                    path = os.path.join(output.directory, indexed)
+                    if name not in by_path.get(path, ()):
+                        by_path[path] = (*by_path.get(path, ()), name)
+                if sub:
+                    subdirs[output.directory] = subdirs.get(output.directory, frozenset()) | {sub}
         self._names_by_path = by_path
         self._names_by_directory = by_directory
+        self._subdirs_by_directory = subdirs
 
     def _on_change(self, event_type: str, paths: tuple[str, ...]) -> None:
         if not self._running:
@@ -470,10 +509,16 @@ class DirectoryWatcher:
 
 
 def _flat_path(path: str) -> str:
-    """``DIR/..<version>/key`` -> ``DIR/key``: an event in a version is one on the artifact."""
+    """``DIR/..<version>/key`` -> ``DIR/key``: an event in a version is one on the artifact.
+
+    Likewise ``DIR/..<version>/sub/key`` -> ``DIR/sub/key`` (one level of subdirectory).
+    """
     parent, name = os.path.split(path)
     head, version = os.path.split(parent)
-    return os.path.join(head, name) if is_version_name(version) else path
+    if is_version_name(version):
+        return os.path.join(head, name)
+    top, outer = os.path.split(head)
+    return os.path.join(top, version, name) if is_version_name(outer) else path
 
 
 def _config_digest(path: str) -> bytes | None:

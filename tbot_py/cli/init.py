@@ -349,7 +349,11 @@ def _levels(
     """(directory fd, its directories, its files) per level: "." is the directory itself."""
     levels: list[tuple[int, list[str], list[str]]] = [(fd, ["."], []) for fd in parent_fds]
     levels.append((dir_fd, [".", *contents.dirs], contents.files))
-    levels += [(fd, [], files) for fd, files in contents.versions.values()]
+    # A version's subdirectories (``cockroach/``) are owned and protected like its files.
+    levels += [
+        (fd, sorted({name.split("/")[0] for name in files if "/" in name}), files)
+        for fd, files in contents.versions.values()
+    ]
     return levels
 
 

@@ -558,7 +558,7 @@ def _routed_options(kind: str) -> Callable[[F], F]:
                     "--format",
                     "db_format",
                     default="",
-                    help='Extra artifacts: "" (none), tls or mongo (cockroach: not yet).',
+                    help='Extra artifacts: "" (none), tls, mongo or cockroach (a subdirectory).',
                 ),
             ]
         options.append(click.option("--name", help="Service name (default <type>-N)."))

@@ -503,15 +503,6 @@ class ApplicationServiceConfig(_ServiceBase):
     specific_tls_extensions: bool = False
 
 
-def _check_database_format(value: object) -> object:
-    if value == "cockroach":
-        raise config_problem(
-            'format "cockroach" is not supported yet (it writes a subdirectory; '
-            'supported: "", tls, mongo)'
-        )
-    return value
-
-
 class DatabaseServiceConfig(_ServiceBase):
     """A ``database`` output: a TLS client certificate routed to one database service."""
 
@@ -520,7 +511,7 @@ class DatabaseServiceConfig(_ServiceBase):
     service: Annotated[str, AfterValidator(_check_required_name)]
     database: str = ""
     username: str = ""
-    format: Annotated[Literal["", "tls", "mongo"], BeforeValidator(_check_database_format)] = ""
+    format: Literal["", "tls", "mongo", "cockroach"] = ""
 
 
 # Add a model here and to the ServiceConfig union to support a new service type.

@@ -58,13 +58,48 @@ class Destination(Protocol):
         """Take the exclusive lock that keeps two bots off the same storage."""
 
 
-def check_artifact_name(name: str) -> str:
-    """Return ``name`` if it is a plain file name; raise DestinationError otherwise.
+#: How many directory levels an artifact name may have: ``cockroach/node.key`` and no deeper.
+MAX_SUBDIRECTORIES = 1
 
-    Names come from services, not users, but a name like ``../x`` or ``a/b``
-    would let an artifact escape its destination, so every destination refuses
-    them before touching anything.
+
+def _plain_part(part: str) -> bool:
+    return bool(part) and part not in (".", "..") and "\0" not in part and ".." not in part
+
+
+def check_artifact_name(name: str) -> str:
+    """Return ``name`` if it is a plain file name or ``dir/file``; raise DestinationError otherwise.
+
+    Names come from services, not users, but a name like ``../x`` would let an
+    artifact escape its destination, so every destination refuses them before
+    touching anything. One directory level is allowed (tbot's ``cockroach``
+    database format writes ``cockroach/node.key``); each part must be plain.
     """
-    if not name or name in (".", "..") or "/" in name or "\0" in name or ".." in name:
-        raise DestinationError(f"invalid artifact name {name!r}: must be a plain file name")
+    parts = name.split("/")
+    if len(parts) > MAX_SUBDIRECTORIES + 1 or not all(_plain_part(part) for part in parts):
+        raise DestinationError(
+            f"invalid artifact name {name!r}: must be a plain file name, or one directory "
+            "and a file name (dir/file)"
+        )
     return name
+
+
+def split_artifact_name(name: str) -> tuple[str | None, str]:
+    """``"cockroach/node.key"`` -> ``("cockroach", "node.key")``; ``"key"`` -> ``(None, "key")``."""
+    directory, _, leaf = name.rpartition("/")
+    return (directory or None), leaf
+
+
+def top_level_name(name: str) -> str:
+    """The entry at the top of a destination that holds ``name``: ``cockroach`` or ``key``."""
+    return name.split("/", 1)[0]
+
+
+def check_name_conflicts(names: Iterable[str]) -> None:
+    """Refuse a set of names in which one is both a file and a directory (``a`` and ``a/b``)."""
+    names = list(names)
+    directories = {name.split("/", 1)[0] for name in names if "/" in name}
+    clash = sorted(directories.intersection(names))
+    if clash:
+        raise DestinationError(
+            f"invalid artifact names: {clash[0]!r} would be both a file and a directory"
+        )

@@ -6,7 +6,9 @@ builds a complete new version of the directory's files and publishes it with
 one rename (see :mod:`tbot_py.destinations.layout`); the previous set stays
 whole until then. After a crash at any point the directory holds the complete
 old set or the complete new one, and :meth:`DirectoryDestination.init` removes
-what an interrupted write left behind.
+what an interrupted write left behind. A name may have one directory level
+(``cockroach/node.key``): the subdirectory is built inside the version and
+reached through one top-level link, so it changes with the rest of the set.
 
 The destination path is opened without following symlinks (``symlinks:
 secure`` / ``try-secure``, see :mod:`tbot_py.destinations.fs`), all work
@@ -32,7 +34,11 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Literal
 
 from tbot_py.destinations import layout
-from tbot_py.destinations.base import check_artifact_name
+from tbot_py.destinations.base import (
+    check_artifact_name,
+    check_name_conflicts,
+    split_artifact_name,
+)
 from tbot_py.destinations.fs import (
     DIR_MODE,
     FILE_MODE,
@@ -180,7 +186,9 @@ class DirectoryDestination:
             names = layout.version_files(version_fd)
         finally:
             os.close(version_fd)
-        state = layout.inspect_links(dir_fd, names)
+        state = layout.inspect_links(
+            dir_fd, layout.top_level_names(names), layout.subdirectories(names)
+        )
         for name, target in sorted(state.foreign.items()):
             log.warning(
                 "%s: %s is a symlink to %s that tbot-py did not create", self.path, name, target
@@ -203,6 +211,7 @@ class DirectoryDestination:
         """
         for name in files:
             self._check_name(name)
+        check_name_conflicts(files)
         with self._guard, self._opened() as dir_fd:
             try:
                 with layout.write_lock(dir_fd):
@@ -214,11 +223,13 @@ class DirectoryDestination:
 
     def _check_name(self, name: str) -> None:
         check_artifact_name(name)
-        if name.startswith(".") or name == LOCK_NAME:
+        sub, leaf = split_artifact_name(name)
+        if name.startswith(".") or leaf.startswith(".") or LOCK_NAME in (name, sub):
             raise DestinationError(f"invalid artifact name {name!r}: reserved in directories")
 
     def _write(self, dir_fd: int, files: Mapping[str, bytes]) -> None:
-        state = layout.inspect_links(dir_fd, files)
+        subdirs = layout.subdirectories(files)
+        state = layout.inspect_links(dir_fd, layout.top_level_names(files), subdirs)
         for name, target in sorted(state.foreign.items()):
             if self.symlinks != "insecure":
                 raise DestinationError(
@@ -236,7 +247,7 @@ class DirectoryDestination:
             carry = (
                 layout.version_files(current_fd)
                 if current_fd is not None
-                else layout.legacy_files(dir_fd)
+                else layout.legacy_files(dir_fd, subdirs)
             )
             version, version_fd = layout.build_version(dir_fd, files, current_fd, carry)
         finally:
@@ -251,7 +262,7 @@ class DirectoryDestination:
         finally:
             os.close(version_fd)
         layout.publish(dir_fd, version)
-        layout.place_links(dir_fd, names)
+        layout.place_links(dir_fd, layout.top_level_names(names))
         layout.prune(dir_fd, keep={version, current} if current else {version})
 
     # -- ACLs -----------------------------------------------------------------
@@ -294,9 +305,10 @@ class DirectoryDestination:
         from tbot_py.errors import AclError
 
         try:
+            subdirs = sorted(layout.subdirectories(names))
             apply_reader_acls(
                 dir_fd,
-                directories=[version],
+                directories=[version, *(f"{version}/{sub}" for sub in subdirs)],
                 files=[f"{version}/{name}" for name in names],
                 readers=readers,
             )

@@ -6,8 +6,10 @@ A destination directory looks like this (the Kubernetes atomic-writer pattern)::
       ..data -> ..2026_11_22_01_30_00.123456789-3fa2c1   the current version
       ..2026_11_22_01_30_00.123456789-3fa2c1/            0700, immutable once published
           key  tlscert  key-cert.pub  identity  ...       0600 regular files
+          cockroach/node.key ...                          one level of subdirectory, 0700
       key -> ..data/key                                   tbot's flat names, as symlinks
       tlscert -> ..data/tlscert
+      cockroach -> ..data/cockroach                       a subdirectory is ONE link too
       lock                                                the storage lock (storage only)
 
 A write builds a complete new version directory (new files written and flushed,
@@ -22,8 +24,16 @@ renewal interval. Programs that open the flat names one by one (``ssh -i``,
 their opens: those should read the ``identity`` file (key and certificates in
 one file) or resolve ``..data`` first.
 
+Artifact names may have one directory level (``cockroach/node.key``): the
+subdirectory lives inside the version, and the top level gets a single link
+``cockroach -> ..data/cockroach``, so the subdirectory's files change with the
+same rename as everything else. Taking over a real ``cockroach/`` directory
+(tbot's layout, or a copy that followed symlinks) moves it aside as a
+``..tmp-`` entry before its link is placed, then removes it.
+
 Nothing here follows a symlink: ``..data`` is read with ``readlink`` and its
-target must be a version name in the same directory.
+target must be a version name in the same directory; a subdirectory is opened
+with ``O_NOFOLLOW`` and its files relative to that descriptor.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from tbot_py.destinations.base import split_artifact_name, top_level_name
 from tbot_py.destinations.fs import (
     DIR_MODE,
     FILE_MODE,
@@ -158,12 +169,57 @@ def open_version(dir_fd: int, version: str) -> int:
     return os.open(version, _DIR_FLAGS, dir_fd=dir_fd)
 
 
+def subdirectories(names: Iterable[str]) -> set[str]:
+    """The directories that artifact names live in: ``{"cockroach"}`` for ``cockroach/node.key``."""
+    return {sub for name in names if (sub := split_artifact_name(name)[0]) is not None}
+
+
+def top_level_names(names: Iterable[str]) -> set[str]:
+    """The entries at the top of the directory that hold ``names`` (a subdirectory counts once)."""
+    return {top_level_name(name) for name in names}
+
+
+def open_subdirectory(dir_fd: int, name: str) -> int | None:
+    """Open the real directory ``name`` in ``dir_fd``; None if missing or a symlink.
+
+    Raise LayoutError if something else stands there.
+    """
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        if exc.errno == errno.ENOTDIR:  # also what O_DIRECTORY | O_NOFOLLOW says of a symlink
+            if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                return None
+            raise LayoutError(name, "is not a directory") from None
+        raise
+
+
 def read_file(dir_fd: int, name: str) -> bytes | None:
     """The bytes of regular file ``name`` in ``dir_fd``; None if missing. Follows no symlink.
 
     A symlink counts as missing: at a flat name it is one of our links whose version is
-    gone, or something planted, and neither is read through.
+    gone, or something planted, and neither is read through. ``dir/file`` is read
+    from the subdirectory, itself opened without following a symlink.
     """
+    sub, leaf = split_artifact_name(name)
+    if sub is None:
+        return _read_plain(dir_fd, name)
+    sub_fd = open_subdirectory(dir_fd, sub)
+    if sub_fd is None:
+        return None
+    try:
+        return _read_plain(sub_fd, leaf)
+    except LayoutError as exc:
+        raise LayoutError(f"{sub}/{exc.name}", exc.problem) from None
+    finally:
+        os.close(sub_fd)
+
+
+def _read_plain(dir_fd: int, name: str) -> bytes | None:
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -198,9 +254,15 @@ class LinkState:
     foreign: dict[str, str] = field(default_factory=dict)  # name -> symlink target not ours
 
 
-def inspect_links(dir_fd: int, names: Iterable[str]) -> LinkState:
-    """Sort what stands at each flat name; raise LayoutError for a directory or a device."""
+def inspect_links(dir_fd: int, names: Iterable[str], directories: Iterable[str] = ()) -> LinkState:
+    """Sort what stands at each flat name; raise LayoutError for a directory or a device.
+
+    ``directories`` are the names that hold a subdirectory of artifacts: a real
+    directory there (tbot's layout) is legacy, to be taken over, if it holds only
+    regular files.
+    """
     state = LinkState()
+    subdirs = set(directories)
     for name in names:
         try:
             st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -215,6 +277,9 @@ def inspect_links(dir_fd: int, names: Iterable[str]) -> LinkState:
                 state.foreign[name] = target
         elif stat.S_ISREG(st.st_mode):
             state.legacy.add(name)
+        elif stat.S_ISDIR(st.st_mode) and name in subdirs:
+            _check_plain_directory(dir_fd, name)
+            state.legacy.add(name)
         elif stat.S_ISDIR(st.st_mode):
             raise LayoutError(name, "is a directory")
         else:
@@ -222,8 +287,29 @@ def inspect_links(dir_fd: int, names: Iterable[str]) -> LinkState:
     return state
 
 
-def legacy_files(dir_fd: int) -> list[str]:
-    """Regular, visible files at the top of a directory that has no version yet (an old layout)."""
+def _check_plain_directory(dir_fd: int, name: str) -> None:
+    """Refuse to take over a directory that holds anything but regular files."""
+    sub_fd = open_subdirectory(dir_fd, name)
+    if sub_fd is None:
+        return
+    try:
+        with os.scandir(sub_fd) as entries:
+            for entry in entries:
+                if not entry.is_file(follow_symlinks=False):
+                    raise LayoutError(
+                        f"{name}/{entry.name}",
+                        f"is not a regular file, so tbot-py will not replace {name} with a link",
+                    )
+    finally:
+        os.close(sub_fd)
+
+
+def legacy_files(dir_fd: int, directories: Iterable[str] = ()) -> list[str]:
+    """Regular, visible files at the top of a directory that has no version yet (an old layout).
+
+    Plus the regular files in those of ``directories`` that are real directories there
+    (``cockroach/node.key`` of tbot's layout).
+    """
     names = []
     with os.scandir(dir_fd) as entries:
         for entry in entries:
@@ -231,7 +317,29 @@ def legacy_files(dir_fd: int) -> list[str]:
                 continue
             if entry.is_file(follow_symlinks=False):
                 names.append(entry.name)
+    for sub in sorted(set(directories)):
+        names += [f"{sub}/{leaf}" for leaf in _files_in(dir_fd, sub, visible_only=True)]
     return sorted(names)
+
+
+def _files_in(dir_fd: int, sub: str, *, visible_only: bool = False) -> list[str]:
+    """The regular files in the real directory ``sub`` (none if missing or a symlink)."""
+    try:
+        sub_fd = open_subdirectory(dir_fd, sub)
+    except LayoutError:
+        return []
+    if sub_fd is None:
+        return []
+    try:
+        with os.scandir(sub_fd) as entries:
+            return sorted(
+                e.name
+                for e in entries
+                if e.is_file(follow_symlinks=False)
+                and not (visible_only and e.name.startswith("."))
+            )
+    finally:
+        os.close(sub_fd)
 
 
 def build_version(
@@ -255,21 +363,87 @@ def build_version(
     except BaseException:
         remove_version(dir_fd, version)
         raise
-    try:
-        os.fchmod(vfd, DIR_MODE)
-        for name, data in files.items():
-            if carry_from is None or not _link_if_same(carry_from, vfd, name, data):
-                write_new_file(vfd, name, data)
-        source = carry_from if carry_from is not None else dir_fd
-        for name in carry:
-            if name not in files:
-                _carry_file(source, vfd, name)
-        fsync_directory(vfd)
-    except BaseException:
-        os.close(vfd)
-        remove_version(dir_fd, version)
-        raise
+    source = carry_from if carry_from is not None else dir_fd
+    with _SubdirectoryFds(vfd, create=True) as targets, _SubdirectoryFds(source) as sources:
+        try:
+            os.fchmod(vfd, DIR_MODE)
+            for name, data in files.items():
+                target_fd, leaf = targets.made(name)
+                source_fd = None if carry_from is None else sources.at(name)[0]
+                if source_fd is None or not _link_if_same(source_fd, target_fd, leaf, data):
+                    write_new_file(target_fd, leaf, data)
+            file_dirs = subdirectories(files)
+            for name in carry:
+                sub, leaf = split_artifact_name(name)
+                if name in files or (name in file_dirs if sub is None else sub in files):
+                    continue  # written, or a file where the new set has a directory (or back)
+                from_fd = sources.at(name)[0]
+                if from_fd is not None:
+                    _carry_file(from_fd, targets.made(name)[0], leaf)
+            targets.flush()
+            fsync_directory(vfd)
+        except BaseException:
+            targets.close()
+            os.close(vfd)
+            remove_version(dir_fd, version)
+            raise
     return version, vfd
+
+
+class _SubdirectoryFds:
+    """The descriptors of a directory's subdirectories, opened (or made) once each."""
+
+    def __init__(self, dir_fd: int, *, create: bool = False) -> None:
+        self._dir_fd = dir_fd
+        self._create = create
+        self._fds: dict[str, int | None] = {}
+
+    def at(self, name: str) -> tuple[int | None, str]:
+        """Where ``name`` lives: (directory descriptor or None if missing, file name in it)."""
+        sub, leaf = split_artifact_name(name)
+        if sub is None:
+            return self._dir_fd, leaf
+        if sub not in self._fds:
+            self._fds[sub] = self._open(sub)
+        return self._fds[sub], leaf
+
+    def made(self, name: str) -> tuple[int, str]:
+        """Like :meth:`at`, for the directory being built: its subdirectory is made if missing."""
+        fd, leaf = self.at(name)
+        if fd is None:
+            raise LayoutError(name, "has no directory to go to")  # only without create
+        return fd, leaf
+
+    def _open(self, sub: str) -> int | None:
+        if not self._create:
+            try:
+                return open_subdirectory(self._dir_fd, sub)
+            except LayoutError:
+                return None
+        os.mkdir(sub, DIR_MODE, dir_fd=self._dir_fd)
+        fd = os.open(sub, _DIR_FLAGS, dir_fd=self._dir_fd)
+        self._fds[sub] = fd  # closed with the others even if the chmod fails
+        os.fchmod(fd, DIR_MODE)  # the umask may have taken bits away
+        return fd
+
+    def flush(self) -> None:
+        """Flush every subdirectory's entries."""
+        for fd in self._fds.values():
+            if fd is not None:
+                fsync_directory(fd)
+
+    def close(self) -> None:
+        """Close every descriptor. Idempotent."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            if fd is not None:
+                os.close(fd)
+
+    def __enter__(self) -> _SubdirectoryFds:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 def _link_if_same(source_fd: int, target_fd: int, name: str, data: bytes) -> bool:
@@ -341,7 +515,10 @@ def _replace_with_link(dir_fd: int, name: str, target: str) -> None:
 def place_links(dir_fd: int, names: Iterable[str]) -> list[str]:
     """Make each flat name a symlink into ``..data``, atomically replacing what is there.
 
-    The caller has already refused what must not be replaced. Returns the names changed.
+    The caller has already refused what must not be replaced. A real directory at a
+    name (a subdirectory of tbot's layout, checked by :func:`inspect_links`) cannot be
+    renamed over: it is moved aside as a temp entry, the link placed, and the
+    directory removed. Returns the names changed.
     """
     changed = []
     for name in sorted(names):
@@ -349,7 +526,22 @@ def place_links(dir_fd: int, names: Iterable[str]) -> list[str]:
         with contextlib.suppress(OSError):
             if os.readlink(name, dir_fd=dir_fd) == target:
                 continue
-        _replace_with_link(dir_fd, name, target)
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            aside = f"{_TEMP_LINK_PREFIX}{os.urandom(6).hex()}"
+            os.rename(name, aside, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            try:
+                _replace_with_link(dir_fd, name, target)
+            except BaseException:
+                with contextlib.suppress(OSError):  # put it back; a restart retries
+                    os.rename(aside, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                raise
+            remove_version(dir_fd, aside)
+        else:
+            _replace_with_link(dir_fd, name, target)
         changed.append(name)
     if changed:
         fsync_directory(dir_fd)
@@ -401,29 +593,48 @@ def prune(dir_fd: int, keep: Iterable[str]) -> list[str]:
     for name in version_names(dir_fd):
         if name in kept:
             continue
-        if name.startswith(_TEMP_LINK_PREFIX):
+        if name.startswith(_TEMP_LINK_PREFIX) and not _is_real_directory(dir_fd, name):
             unlink_quietly(dir_fd, name)
         else:
-            remove_version(dir_fd, name)
+            remove_version(dir_fd, name)  # a version, or a directory moved aside
         removed.append(name)
     return removed
 
 
-def remove_version(dir_fd: int, version: str) -> None:
-    """Delete a version directory and its files (never following a symlink). Best effort."""
+def _is_real_directory(dir_fd: int, name: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def remove_version(dir_fd: int, version: str, *, depth: int = 1) -> None:
+    """Delete a version directory, its files and subdirectories (following no symlink).
+
+    Best effort. Goes ``depth`` levels of subdirectory deep: one, as artifact names allow.
+    """
     with contextlib.suppress(OSError):
         vfd = open_version(dir_fd, version)
         try:
             with os.scandir(vfd) as entries:
-                names = [e.name for e in entries]
-            for name in names:
-                unlink_quietly(vfd, name)
+                names = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            for name, is_dir in names:
+                if is_dir and depth > 0:
+                    remove_version(vfd, name, depth=depth - 1)
+                else:
+                    unlink_quietly(vfd, name)
         finally:
             os.close(vfd)
         os.rmdir(version, dir_fd=dir_fd)
 
 
 def version_files(version_fd: int) -> list[str]:
-    """The artifact names in a version directory."""
+    """The artifact names in a version directory: ``key``, ``cockroach/node.key``, ..."""
+    names = []
     with os.scandir(version_fd) as entries:
-        return sorted(e.name for e in entries if e.is_file(follow_symlinks=False))
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                names.append(entry.name)
+            elif entry.is_dir(follow_symlinks=False):
+                names += [f"{entry.name}/{leaf}" for leaf in _files_in(version_fd, entry.name)]
+    return sorted(names)

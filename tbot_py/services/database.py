@@ -6,12 +6,15 @@ key, and write tbot's artifacts for the configured ``format``:
 
 * always ``tlscert``, ``key`` and ``teleport-database-ca.crt``;
 * ``tls``: also ``tls.key``, ``tls.crt``, ``tls.cas``;
-* ``mongo``: also ``mongo.crt`` (certificate then key) and ``mongo.cas``.
+* ``mongo``: also ``mongo.crt`` (certificate then key) and ``mongo.cas``;
+* ``cockroach``: also ``cockroach/node.crt``, ``cockroach/node.key`` and
+  ``cockroach/ca.crt``, in a subdirectory (a directory destination publishes it
+  with the rest of the set, behind one link ``cockroach -> ..data/cockroach``).
 
 ``tls.cas`` holds the host CA (what a client verifies the proxy with) and ``mongo.cas`` the
 database CA, as tbot writes them (lib/tbot/services/database/output_service.go: "Mongo
-format specifically uses database CAs rather than hostCAs").
-``cockroach`` (a subdirectory) is refused by the config until destinations write one.
+format specifically uses database CAs rather than hostCAs"). ``cockroach/ca.crt`` is the
+database CA too (tbot's ``writeCockroachDatabaseFiles``).
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ log = logging.getLogger("tbot_py.services.database")
 
 ARTIFACT_MONGO_CRT = "mongo.crt"
 ARTIFACT_MONGO_CAS = "mongo.cas"
+COCKROACH_DIR = "cockroach"
+ARTIFACT_COCKROACH_CRT = f"{COCKROACH_DIR}/node.crt"
+ARTIFACT_COCKROACH_KEY = f"{COCKROACH_DIR}/node.key"
+ARTIFACT_COCKROACH_CA = f"{COCKROACH_DIR}/ca.crt"
 
-DatabaseFormat = Literal["", "tls", "mongo"]
+DatabaseFormat = Literal["", "tls", "mongo", "cockroach"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,10 @@ class DatabaseService(DestinationOutput[DatabaseOutputSettings]):
         elif s.format == "mongo":
             files[ARTIFACT_MONGO_CRT] = routed.cert_pem + routed.key_pem
             files[ARTIFACT_MONGO_CAS] = ca_pems(bot, "db")
+        elif s.format == "cockroach":
+            files[ARTIFACT_COCKROACH_CRT] = routed.cert_pem
+            files[ARTIFACT_COCKROACH_KEY] = routed.key_pem
+            files[ARTIFACT_COCKROACH_CA] = ca_pems(bot, "db")
         return await write_output(
             self.name,
             self.destination,

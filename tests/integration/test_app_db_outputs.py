@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from tbot_py.config.loader import load_config_text
 from tbot_py.identity.tlsid import TLSIdentity
@@ -438,3 +439,46 @@ def test_configure_database_then_start_from_the_file(
     assert done.returncode == 0, done.stderr
     assert token not in done.stdout + done.stderr
     _check_db_output(tmp_path / "out", tmp_path / "storage", bot, fmt)
+
+
+def test_database_output_cockroach_format_writes_a_published_subdirectory(
+    registry: AuthService, tmp_path: Path, need_tools: None
+) -> None:
+    bot, token = _new_bot(registry, "cockroach")
+    done = _start(
+        registry, "database", tmp_path,
+        "--service", "orders", "--username", "alice", "--database", "sales",
+        "--format", "cockroach",
+        token=token,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert error_lines(done.stderr) == []
+    out = tmp_path / "out"
+    assert artifact_names(out) == DB_FILES | {"cockroach"}
+    # One top-level link into the published version, like every flat name.
+    link = out / "cockroach"
+    assert link.is_symlink() and str(link.readlink()) == "..data/cockroach"
+    version = out / (out / "..data").readlink()
+    assert (version / "cockroach").is_dir() and not (version / "cockroach").is_symlink()
+    node = out / "cockroach"
+    assert {p.name for p in node.iterdir()} == {"node.crt", "node.key", "ca.crt"}
+    # node.crt: the routed user certificate, verified by the bot's CAs; node.key pairs with it.
+    assert _verifies(tmp_path / "storage" / "tlscacerts", node / "node.crt")
+    # Exactly one of the bot's stored CAs (user, host) issued it: the user CA.
+    stored = x509.load_pem_x509_certificates((tmp_path / "storage" / "tlscacerts").read_bytes())
+    issuers = []
+    for index, ca in enumerate(stored):
+        single = tmp_path / f"ca-{index}.pem"
+        single.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+        if _verifies(single, node / "node.crt"):
+            issuers.append(single)
+    [user_ca] = issuers
+    assert user_ca.read_bytes() != (node / "ca.crt").read_bytes()
+    assert not _verifies(node / "ca.crt", node / "node.crt")
+    assert (node / "node.crt").read_bytes() == (out / "tlscert").read_bytes()
+    _check_pair(node / "node.crt", node / "node.key")
+    identity = _subject(node / "node.crt")
+    assert identity.username == f"bot-{bot}"
+    assert (identity.db_service, identity.db_user, identity.db_name) == ("orders", "alice", "sales")
+    # ca.crt: the database CA (tbot's writeCockroachDatabaseFiles), not the host CA.
+    assert (node / "ca.crt").read_bytes() == (out / "teleport-database-ca.crt").read_bytes()

@@ -45,8 +45,12 @@ def make_layout(dest: Path) -> None:
     version.mkdir(parents=True, mode=0o755)
     (version / "key").write_bytes(b"key")
     (version / "key").chmod(0o644)
+    (version / "cockroach").mkdir(mode=0o755)
+    (version / "cockroach" / "node.key").write_bytes(b"key")
+    (version / "cockroach" / "node.key").chmod(0o644)
     (dest / "..data").symlink_to(VERSION)
     (dest / "key").symlink_to("..data/key")
+    (dest / "cockroach").symlink_to("..data/cockroach")
     (dest / "lock").write_bytes(b"")
     (dest / "lock").chmod(0o644)
     (dest / "..lock").write_bytes(b"")  # the daemon's write lock
@@ -82,6 +86,8 @@ def test_existing_layout_is_kept_and_made_private(
     assert code == 0, err
     assert mode_of(dest / VERSION) == 0o700
     assert mode_of(dest / VERSION / "key") == 0o600
+    assert mode_of(dest / VERSION / "cockroach") == 0o700  # a subdirectory artifact's
+    assert mode_of(dest / VERSION / "cockroach" / "node.key") == 0o600
     assert mode_of(dest / "lock") == 0o600
     assert mode_of(dest / "tlscert") == 0o600  # an old key file is protected, not deleted
     assert "  kept (not tbot-py's; --clean removes them): tlscert" in out
@@ -97,7 +103,9 @@ def test_clean_removes_only_what_is_not_ours(
     passwd = Path("/etc/passwd").read_bytes()
     code, out, err = run(["--destination-dir", str(dest), "--clean"], capsys)
     assert code == 0, err
-    assert sorted(p.name for p in dest.iterdir()) == [VERSION, "..data", "..lock", "key", "lock"]
+    assert sorted(p.name for p in dest.iterdir()) == [
+        VERSION, "..data", "..lock", "cockroach", "key", "lock"
+    ]  # fmt: skip
     assert (dest / "key").read_bytes() == b"key"
     assert Path("/etc/passwd").read_bytes() == passwd  # the link went, not its target
     removed = [line for line in out.splitlines() if line.startswith("  removed: ")]

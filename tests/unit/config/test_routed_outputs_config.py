@@ -77,12 +77,8 @@ def test_application_and_database_load_with_defaults() -> None:
             ':4: services[0]: missing required key "service"',
         ),
         (
-            "- {type: database, destination: {type: memory}, service: pg, format: cockroach}",
-            ':4: services[0].format: format "cockroach" is not supported yet',
-        ),
-        (
             "- {type: database, destination: {type: memory}, service: pg, format: mysql}",
-            ':4: services[0].format: expected "", "tls" or "mongo", got "mysql"',
+            ':4: services[0].format: expected "", "tls", "mongo" or "cockroach", got "mysql"',
         ),
         (
             "- {type: database, destination: {type: memory}, service: pg, app_name: x}",
@@ -152,16 +148,16 @@ def test_configure_application_and_database_take_tbots_flags() -> None:
 COCKROACH = ["--service", "pg", "--format", "cockroach"]
 
 
-def test_configure_database_refuses_cockroach_with_one_line() -> None:
+def test_configure_database_takes_the_cockroach_format() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "tbot_py", "configure", "database", *BASE_FLAGS, *COCKROACH],
         capture_output=True,
         text=True,
         check=False,
     )
-    assert result.returncode != 0
-    assert result.stdout == ""
-    assert result.stderr.splitlines() == [
-        'ERROR: --format: format "cockroach" is not supported yet (it writes a subdirectory; '
-        'supported: "", tls, mongo)'
-    ]
+    assert result.returncode == 0, result.stderr
+    assert "format: cockroach" in result.stdout
+    config = load_config_text(result.stdout, source=SOURCE)
+    service = config.services[0]
+    assert isinstance(service, DatabaseServiceConfig)
+    assert service.format == "cockroach"

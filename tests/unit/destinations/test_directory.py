@@ -362,7 +362,11 @@ def test_read_in_missing_directory_returns_none(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["", ".", "..", "../x", "a/b", "/abs", "a\0b", "x/../y", "lock", ".hidden"]
+    "name",
+    [
+        *("", ".", "..", "../x", "a/b/c", "/abs", "a\0b", "x/../y", "lock", ".hidden"),
+        *("a/", "a//b", "lock/x", ".d/x", "a/.hidden", "a/..", "./x"),
+    ],
 )
 def test_bad_names_are_rejected(dest: DirectoryDestination, name: str) -> None:
     with pytest.raises(DestinationError, match="invalid artifact name"):

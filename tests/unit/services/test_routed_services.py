@@ -200,6 +200,47 @@ def test_database_writes_tbots_artifacts_per_format(
         assert (out / "tls.cas").read_bytes() == service.cluster.cas.host.cert_pem
 
 
+_COCKROACH = {"cockroach/node.crt", "cockroach/node.key", "cockroach/ca.crt"}
+
+
+def test_database_cockroach_format_writes_a_subdirectory_published_with_the_set(
+    service: RunningAuthService, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    settings = DatabaseOutputSettings(
+        name="db", service="pg", database="orders", username="alice", format="cockroach", ttl=TTL
+    )
+    result = _generate(service, DatabaseService(settings, DirectoryDestination(out)))
+    assert set(result.files) == _DB_BASE | _COCKROACH
+    top = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert top == _DB_BASE | {"cockroach"}
+    assert (out / "cockroach").readlink() == Path("..data/cockroach")
+    assert sorted(p.name for p in (out / "cockroach").iterdir()) == [
+        "ca.crt",
+        "node.crt",
+        "node.key",
+    ]
+    node = out / "cockroach"
+    assert (node / "node.crt").read_bytes() == (out / "tlscert").read_bytes()
+    assert (node / "node.key").read_bytes() == (out / "key").read_bytes()
+    _assert_key_matches(node / "node.crt", node / "node.key")
+    # The database CA, as tbot's writeCockroachDatabaseFiles writes it (not the host CA).
+    assert (node / "ca.crt").read_bytes() == service.cluster.cas.db.cert_pem
+    assert (out / "..data" / "cockroach").stat().st_mode & 0o777 == 0o700
+
+
+def test_database_cockroach_format_in_memory(service: RunningAuthService) -> None:
+    destination = MemoryDestination()
+    settings = DatabaseOutputSettings(
+        name="db", service="pg", database="", username="", format="cockroach", ttl=TTL
+    )
+    _generate(service, DatabaseService(settings, destination))
+    files = destination.read_many(sorted(_COCKROACH | {"key", "tlscert"}))
+    assert files["cockroach/node.key"] == files["key"] is not None
+    assert files["cockroach/node.crt"] == files["tlscert"] is not None
+    assert files["cockroach/ca.crt"] == service.cluster.cas.db.cert_pem
+
+
 def test_database_without_user_or_name_carries_only_the_service(
     service: RunningAuthService,
 ) -> None:
