@@ -16,8 +16,8 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
 
 from tbot_py.bot.identity import Clock, JoinParams, obtain_bot_identity
 from tbot_py.bot.idtokens import read_id_token
@@ -102,65 +102,94 @@ def wire_selector(selector: WorkloadIdentitySelectorConfig) -> wire.WorkloadIden
     return wire.WorkloadIdentitySelector(name=selector.name, labels=labels)
 
 
+def _identity(
+    svc: IdentityServiceConfig, ttl: timedelta, dest: Destination, addr: str
+) -> OutputService:
+    settings = IdentityOutputSettings(
+        name=svc.name or svc.type,
+        roles=tuple(svc.roles),
+        allow_reissue=svc.allow_reissue,
+        ssh_config=svc.ssh_config == "on",
+        ttl=ttl,
+    )
+    return IdentityService(settings, dest, addr)
+
+
+def _ssh_host(
+    svc: SSHHostServiceConfig, ttl: timedelta, dest: Destination, _addr: str
+) -> OutputService:
+    settings = SSHHostOutputSettings(
+        name=svc.name or svc.type, principals=tuple(svc.principals), ttl=ttl
+    )
+    return SSHHostService(settings, dest)
+
+
+def _x509_svid(
+    svc: WorkloadIdentityX509ServiceConfig, ttl: timedelta, dest: Destination, _addr: str
+) -> OutputService:
+    settings = X509SVIDOutputSettings(
+        name=svc.name or svc.type, selector=wire_selector(svc.selector), ttl=ttl
+    )
+    return WorkloadIdentityX509Service(settings, dest)
+
+
+def _jwt_svid(
+    svc: WorkloadIdentityJWTServiceConfig, ttl: timedelta, dest: Destination, _addr: str
+) -> OutputService:
+    settings = JWTSVIDOutputSettings(
+        name=svc.name or svc.type,
+        selector=wire_selector(svc.selector),
+        audiences=tuple(svc.audiences),
+        ttl=ttl,
+    )
+    return WorkloadIdentityJWTService(settings, dest)
+
+
+def _application(
+    svc: ApplicationServiceConfig, ttl: timedelta, dest: Destination, _addr: str
+) -> OutputService:
+    settings = ApplicationOutputSettings(
+        name=svc.name or svc.type,
+        app_name=svc.app_name,
+        specific_tls_extensions=svc.specific_tls_extensions,
+        ttl=ttl,
+    )
+    return ApplicationService(settings, dest)
+
+
+def _database(
+    svc: DatabaseServiceConfig, ttl: timedelta, dest: Destination, _addr: str
+) -> OutputService:
+    settings = DatabaseOutputSettings(
+        name=svc.name or svc.type,
+        service=svc.service,
+        database=svc.database,
+        username=svc.username,
+        format=svc.format,
+        ttl=ttl,
+    )
+    return DatabaseService(settings, dest)
+
+
+#: How each output type's config becomes its runtime service: (config, TTL, destination,
+#: auth address) -> service. Every config type of ``BotConfig.services`` is listed.
+_BUILDERS: dict[type[Any], Callable[[Any, timedelta, Destination, str], OutputService]] = {
+    IdentityServiceConfig: _identity,
+    SSHHostServiceConfig: _ssh_host,
+    WorkloadIdentityX509ServiceConfig: _x509_svid,
+    WorkloadIdentityJWTServiceConfig: _jwt_svid,
+    ApplicationServiceConfig: _application,
+    DatabaseServiceConfig: _database,
+}
+
+
 def build_services(config: BotConfig, addr: str) -> list[OutputService]:
     """One runtime service per configured service, in config order."""
     services: list[OutputService] = []
     for svc in config.services:
-        if isinstance(svc, IdentityServiceConfig):
-            ttl, _ = svc.effective_lifetime(config)
-            settings = IdentityOutputSettings(
-                name=svc.name or "identity",
-                roles=tuple(svc.roles),
-                allow_reissue=svc.allow_reissue,
-                ssh_config=svc.ssh_config == "on",
-                ttl=ttl,
-            )
-            services.append(IdentityService(settings, build_destination(svc.destination), addr))
-        elif isinstance(svc, SSHHostServiceConfig):
-            ttl, _ = svc.effective_lifetime(config)
-            host_settings = SSHHostOutputSettings(
-                name=svc.name or "ssh_host", principals=tuple(svc.principals), ttl=ttl
-            )
-            services.append(SSHHostService(host_settings, build_destination(svc.destination)))
-        elif isinstance(svc, WorkloadIdentityX509ServiceConfig):
-            ttl, _ = svc.effective_lifetime(config)
-            x509_settings = X509SVIDOutputSettings(
-                name=svc.name or svc.type, selector=wire_selector(svc.selector), ttl=ttl
-            )
-            services.append(
-                WorkloadIdentityX509Service(x509_settings, build_destination(svc.destination))
-            )
-        elif isinstance(svc, WorkloadIdentityJWTServiceConfig):
-            ttl, _ = svc.effective_lifetime(config)
-            jwt_settings = JWTSVIDOutputSettings(
-                name=svc.name or svc.type,
-                selector=wire_selector(svc.selector),
-                audiences=tuple(svc.audiences),
-                ttl=ttl,
-            )
-            services.append(
-                WorkloadIdentityJWTService(jwt_settings, build_destination(svc.destination))
-            )
-        elif isinstance(svc, ApplicationServiceConfig):
-            ttl, _ = svc.effective_lifetime(config)
-            app_settings = ApplicationOutputSettings(
-                name=svc.name or svc.type,
-                app_name=svc.app_name,
-                specific_tls_extensions=svc.specific_tls_extensions,
-                ttl=ttl,
-            )
-            services.append(ApplicationService(app_settings, build_destination(svc.destination)))
-        elif isinstance(svc, DatabaseServiceConfig):
-            ttl, _ = svc.effective_lifetime(config)
-            db_settings = DatabaseOutputSettings(
-                name=svc.name or svc.type,
-                service=svc.service,
-                database=svc.database,
-                username=svc.username,
-                format=svc.format,
-                ttl=ttl,
-            )
-            services.append(DatabaseService(db_settings, build_destination(svc.destination)))
+        ttl, _ = svc.effective_lifetime(config)
+        build = _BUILDERS[type(svc)]
+        services.append(build(svc, ttl, build_destination(svc.destination), addr))
     return services
 
 

@@ -232,3 +232,14 @@ def test_single_failing_output_is_reported_by_name(
         _run(config)
     assert str(err.value).startswith("output admin-out: ")
     assert len(err.value.failures) == 1
+
+
+def test_every_output_type_of_the_config_has_a_service_builder() -> None:
+    """A new ``services:`` type must also be taught to ``build_services``."""
+    import typing
+
+    from tbot_py.bot import oneshot
+    from tbot_py.config.schema import ServiceConfig
+
+    union = typing.get_args(ServiceConfig)[0]
+    assert set(typing.get_args(union)) == set(oneshot._BUILDERS)
