@@ -214,8 +214,12 @@ class AuthAPI:
     async def join(self, request: web.Request) -> web.Response:
         """``POST /v1/webapi/host/credentials``: spend a join token, get the bot's identity."""
         with self._audit("bot.join", request) as fields:
-            # Before reading the body: a refused attempt costs us next to nothing.
-            self.join_limiter.check(request.remote)
+            # Before reading the body: a refused attempt costs us next to nothing. A bot
+            # re-joining (delegated methods, every renewal) presents its own current
+            # certificate: it is authenticated, as a renewal is, and not throttled as an
+            # anonymous join would be.
+            if not self._presents_bot_certificate(request):
+                self.join_limiter.check(request.remote)
             req = wire.RegisterUsingTokenRequest.from_json(await _read_json(request))
             if req.role != wire.ROLE_BOT:
                 raise BadParameter(f'the token does not allow "{req.role[:64]}" role')
@@ -293,7 +297,8 @@ class AuthAPI:
         """
         method = resource.join_method
         fields.update(resource=f"token/{resource.name}", join_method=method)
-        if resource.expires is not None and now >= resource.expires:
+        if resource.expired(now):
+            assert resource.expires is not None
             raise AccessDenied(
                 f'join token "{resource.name}" expired at {wire.format_time(resource.expires)}'
             )
@@ -347,6 +352,17 @@ class AuthAPI:
         )
         fields["expires"] = wire.format_time(expires)
         return certs
+
+    def _presents_bot_certificate(self, request: web.Request) -> bool:
+        """Whether the caller presents a bot's own current certificate of this cluster."""
+        der = _peer_certificate(request)
+        if der is None:
+            return False
+        try:
+            self.callers.check(der, self.clock())
+        except AccessDenied:
+            return False
+        return True
 
     def _presented_identity(
         self, request: web.Request, now: datetime, resource: JoinToken

@@ -56,7 +56,7 @@ class JoinParams:
     ca_path: str | None = None
     insecure: bool = False
     #: ``token`` joins renew; the delegated (OIDC) methods join again for every renewal.
-    join_method: str = "token"
+    join_method: str = JOIN_METHOD_TOKEN
     #: For a delegated method: fetches the ID token (a JWT) for an audience (the cluster name).
     id_token: Callable[[str], Awaitable[str]] | None = field(default=None, compare=False)
     #: Why a configured token could not be read (a token file deleted after the first

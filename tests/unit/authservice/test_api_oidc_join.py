@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tbot_py.authservice import admin
 from tbot_py.authservice.join_tokens import parse_join_token_yaml
+from tbot_py.authservice.ratelimit import Rate
+from tbot_py.authservice.server import start_in_thread
 from tbot_py.client import wire
 from tbot_py.identity import keys
 
@@ -189,3 +192,20 @@ def test_the_join_is_audited_with_method_token_and_claims_but_no_jwt(k8s: AuthCl
     assert event["resource"] == "token/k8s"
     assert event["details"]["join_method"] == "kubernetes"
     assert event["details"]["claim.service_account"] == "ci:deployer"
+
+
+def test_rejoins_with_the_bot_certificate_are_not_throttled_as_anonymous_joins(
+    tmp_path: Path,
+) -> None:
+    """A delegated bot re-joins at every renewal; only anonymous joins count to the limit."""
+    with start_in_thread(tmp_path / "auth", join_rate=Rate(count=2, period_s=3600.0)) as running:
+        limited = AuthClient(running, tmp_path)
+        admin.add_bot(limited.cluster, "kbot", roles=("access",))
+        admin.create_resource(limited.cluster, parse_join_token_yaml(token_yaml()))
+        current = joined(limited)  # anonymous join 1 of 2
+        for _ in range(4):
+            current = joined(limited, identity=current)
+        assert current.identity.generation == 5
+        joined(limited)  # anonymous join 2 of 2
+        resp, _ = join_request(limited, "k8s", sa_token())
+        assert resp.status_code == 429
