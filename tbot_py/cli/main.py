@@ -29,6 +29,7 @@ _LAZY_COMMANDS = {
     "wait": ("tbot_py.cli.wait", "wait"),
     "install": ("tbot_py.cli.install", "install"),
     "init": ("tbot_py.cli.init", "init"),
+    "mcp": ("tbot_py.cli.mcp", "mcp"),
 }
 
 
