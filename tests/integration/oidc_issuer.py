@@ -17,7 +17,6 @@ import base64
 import hashlib
 import hmac
 import http.server
-import ipaddress
 import json
 import secrets
 import ssl
@@ -25,16 +24,15 @@ import threading
 import time
 import urllib.parse
 from collections import Counter
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
 import jwt
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.loopback_tls import write_loopback_tls
 
 #: The audience a bot asks for by default: the auth service's default cluster name.
 CLUSTER_NAME = "tbot-py.local"
@@ -49,12 +47,6 @@ def _rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -67,71 +59,6 @@ def _hmac_jwt(body: dict[str, Any], headers: dict[str, str], alg: str, secret: b
     return f"{signing_input}.{_b64(hmac.new(secret, signing_input.encode(), digest).digest())}"
 
 
-def _tls_files(directory: Path) -> tuple[Path, Path, Path]:
-    """A throwaway CA and a server certificate for IP 127.0.0.1: (ca.pem, cert, key)."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "local OIDC issuer test CA")])
-    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ca_ski, critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1))
-        .not_valid_after(now + timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = (
-        directory / "ca.pem",
-        directory / "server.pem",
-        directory / "server-key.pem",
-    )
-    ca_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(_pem_key(server_key))
-    return ca_path, cert_path, key_path
-
-
 class LocalOIDCIssuer:
     """An HTTPS OIDC issuer on 127.0.0.1 in a daemon thread; use as a context manager.
 
@@ -141,7 +68,8 @@ class LocalOIDCIssuer:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
-        self.ca_path, self._cert_path, self._key_path = _tls_files(directory)
+        files = write_loopback_tls(directory, "local OIDC issuer test CA")
+        self.ca_path, self._cert_path, self._key_path = files.ca, files.cert, files.key
         self.hits: Counter[str] = Counter()
         self._last_hit: dict[str, float] = {}  # time.monotonic() of the latest request
         #: What a GitHub runner would get in ACTIONS_ID_TOKEN_REQUEST_TOKEN.

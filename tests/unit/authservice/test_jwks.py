@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import ssl
@@ -17,14 +16,12 @@ from typing import Any
 import jwt
 import pytest
 from aiohttp import web
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 
 from tbot_py.authservice.idtoken import IDTokenRejected, UnknownSigningKey
 from tbot_py.authservice.join_tokens import JoinToken, join_token_from_data
 from tbot_py.authservice.jwks import JWKSCache, JWKSUnavailable, check_id_token, keys_for_token
+from tests.loopback_tls import write_loopback_tls
 
 from .test_idtoken import CLUSTER, GENERIC_CLAIMS, jwk, times
 
@@ -42,66 +39,9 @@ class TLSFiles:
 
 def make_tls(directory: Path) -> TLSFiles:
     """A throwaway CA and a server certificate for IP 127.0.0.1 signed by it."""
-    start = datetime.now(UTC) - timedelta(minutes=5)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "jwks test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(hours=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / "server.pem", directory / "server.key"
-    cert_path.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        server_key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    client = ssl.create_default_context(
-        cadata=ca_cert.public_bytes(serialization.Encoding.PEM).decode()
-    )
-    return TLSFiles(cert_path, key_path, client)
+    files = write_loopback_tls(directory, "jwks test CA")
+    client = ssl.create_default_context(cafile=str(files.ca))
+    return TLSFiles(files.cert, files.key, client)
 
 
 @pytest.fixture(scope="module")
