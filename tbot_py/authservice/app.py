@@ -484,13 +484,9 @@ class AuthAPI:
             if route is not None:
                 target = await self._read(functools.partial(_route_target, route=route))
                 _check_route(route, target, granted, bot.name)
-            # An output never outlives the bot identity that asked for it, nor the
-            # shortest max_session_ttl of its roles.
-            not_after = caller.not_after
-            ttl_limit = rbac.session_ttl_limit(granted)
-            if ttl_limit is not None:
-                not_after = min(not_after, now + ttl_limit)
-            expires = ca.grant_expiry(req.expires, now, not_after=not_after)
+            expires = ca.grant_expiry(
+                req.expires, now, not_after=_output_limit(caller, granted, now)
+            )
             certs = ca.issue_impersonated_identity(
                 self.cluster.cas,
                 certificate_profile(bot, granted),
@@ -523,11 +519,9 @@ class AuthAPI:
             decision = rbac.check_rule(granted, "host_cert", "create")
             if not decision.allowed:
                 raise AccessDenied(f'bot "{bot.name}" may not create host certificates')
-            not_after = caller.not_after
-            ttl_limit = rbac.session_ttl_limit(granted)
-            if ttl_limit is not None:
-                not_after = min(not_after, now + ttl_limit)
-            expires = ca.grant_expiry(req.expires, now, not_after=not_after)
+            expires = ca.grant_expiry(
+                req.expires, now, not_after=_output_limit(caller, granted, now)
+            )
             cert = ca.issue_ssh_host_certificate(
                 self.cluster.cas,
                 req.public_ssh_key,
@@ -782,6 +776,16 @@ def _check_route(
         what = f'database "{target.name}"'
     if not decision.allowed:
         raise AccessDenied(f'bot "{bot_name}" may not access {what}: {decision.reason}')
+
+
+def _output_limit(caller: BotCaller, granted: Sequence[Role], now: datetime) -> datetime:
+    """The latest NotAfter of an output certificate.
+
+    An output never outlives the bot identity that asked for it, nor the shortest
+    ``max_session_ttl`` of the roles it holds.
+    """
+    ttl_limit = rbac.session_ttl_limit(granted)
+    return caller.not_after if ttl_limit is None else min(caller.not_after, now + ttl_limit)
 
 
 def _peer_certificate(request: web.Request) -> bytes | None:

@@ -82,6 +82,24 @@ def test_a_bot_with_the_host_cert_rule_gets_a_host_certificate(
     assert "node1.example.com" in shown
 
 
+def test_the_host_certificate_is_capped_by_the_roles_max_session_ttl(client: AuthClient) -> None:
+    short = new_role(
+        "short-host-certs",
+        allow=RoleConditions(rules=(ResourceRule(resources=("host_cert",), verbs=("create",)),)),
+        max_session_ttl=timedelta(minutes=5),
+    )
+    admin.create_role(client.cluster, short)
+    created = admin.add_bot(client.cluster, "short", roles=("short-host-certs",))
+    joined = client.join(created.token.token)
+    resp = _ask(client, joined)
+    assert resp.status_code == 200, resp.text
+    cert = ssh.load_ssh_public_identity(wire.HostCertResponse.from_json(resp.json()).ssh_cert)
+    assert isinstance(cert, ssh.SSHCertificate)
+    not_after = datetime.fromtimestamp(cert.valid_before, UTC)
+    assert not_after <= datetime.now(UTC) + timedelta(minutes=5)
+    assert joined.cert.not_valid_after_utc - not_after > timedelta(minutes=50)
+
+
 def test_without_the_rule_a_bot_is_denied(client: AuthClient) -> None:
     joined = _join(client, ("access",))
     resp = _ask(client, joined)
