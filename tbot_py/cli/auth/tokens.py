@@ -43,36 +43,49 @@ def tokens_add(bot_name: str, ttl: str, output_format: str, data_dir: Path | Non
 @admin_target_option
 @user_errors
 def tokens_ls(output_format: str, data_dir: Path | None) -> None:
-    """List join tokens by a short id, never the token or its hash."""
+    """List join tokens by a short id, never the token or its hash.
+
+    In text, the OIDC token resources (``auth get tokens``) are named after the table.
+    """
+    from tbot_py.authservice.resource_kinds import JOIN_TOKEN
+
+    text = output_format != "json"
+    oidc: list[str] = []
     remote = remote_admin()
     if remote is not None:
         docs = remote.call("GET", "tokens")
+        if text:
+            oidc = [str(d["metadata"]["name"]) for d in remote.call("GET", JOIN_TOKEN.api_path)]
     else:
         from datetime import UTC, datetime
 
         from tbot_py.authservice import admin
 
-        records = admin.list_tokens(local_cluster(data_dir))
+        cluster = local_cluster(data_dir)
         now = datetime.now(UTC)
-        docs = [admin.token_json(r, now) for r in records]
-    if output_format == "json":
+        docs = [admin.token_json(r, now) for r in admin.list_tokens(cluster)]
+        if text:
+            oidc = [t.name for t in admin.list_resources(cluster, JOIN_TOKEN)]
+    if not text:
         print_json(docs)
         return
     if not docs:
         click.echo("No join tokens.")
-        return
-    print_table(
-        ("ID", "BOT", "JOIN METHOD", "EXPIRES"),
-        [
-            (
-                d["id"],
-                d["bot_name"],
-                d["join_method"],
-                d["expires"] + (" (expired)" if d["expired"] else ""),
-            )
-            for d in docs
-        ],
-    )
+    else:
+        print_table(
+            ("ID", "BOT", "JOIN METHOD", "EXPIRES"),
+            [
+                (
+                    d["id"],
+                    d["bot_name"],
+                    d["join_method"],
+                    d["expires"] + (" (expired)" if d["expired"] else ""),
+                )
+                for d in docs
+            ],
+        )
+    if oidc:
+        click.echo(f"OIDC join token resources (tbot-py auth get tokens): {', '.join(oidc)}")
 
 
 @tokens.command(name="rm")

@@ -352,6 +352,21 @@ def test_stored_kinds_are_created_shown_and_removed_alike_locally_and_remotely(
     ]
 
 
+def test_tokens_ls_names_the_oidc_token_resources_in_text_only(
+    client: AuthClient, identity_file: Path, tmp_path: Path
+) -> None:
+    remote = remote_args(client, identity_file)
+    local = ["--data-dir", str(client.cluster.data_dir)]
+    assert out("tokens", "ls", *local) == "No join tokens.\n"
+    path = tmp_path / "token.yaml"
+    path.write_text(TOKEN_YAML)
+    out("create", "-f", path, *local)
+    expected = "No join tokens.\nOIDC join token resources (tbot-py auth get tokens): gha-deploy\n"
+    assert out("tokens", "ls", *local) == out("tokens", "ls", *remote) == expected
+    for where in (local, remote):
+        assert json.loads(out("tokens", "ls", "--format", "json", *where)) == []
+
+
 def test_remote_cli_errors_are_one_line(
     client: AuthClient, identity_file: Path, tmp_path: Path
 ) -> None:
