@@ -21,22 +21,8 @@ import pytest
 from tbot_py.client import wire
 from tbot_py.identity.model import Identity
 from tests.integration.conftest import AuthService, clean_env, run_tbot
+from tests.integration.test_workload_identity import RESOURCE, ROLE
 
-ROLE = """\
-kind: role
-version: v7
-metadata: {name: workloads}
-spec:
-  allow:
-    workload_identity_labels: {team: payments}
-"""
-RESOURCE = """\
-kind: workload_identity
-version: v1
-metadata: {name: payments, labels: {team: payments}}
-spec:
-  spiffe: {id: '/svc/{{user.bot_name}}'}
-"""
 X509_ARTIFACTS = {"svid.pem", "svid_key.pem", "svid_bundle.pem"}
 _BOTS = itertools.count(1)
 
