@@ -13,6 +13,8 @@ Endpoints (shapes in :mod:`tbot_py.client.wire`):
   unauthenticated, what a third party needs to verify JWT-SVIDs (:mod:`.workload`).
 * ``POST /v1/bot/workload-identity/{x509,jwt}``: SVIDs for a ``workload_identity``
   the bot's roles allow (mTLS with the bot's own certificate).
+* ``POST /v1/proxy/mcp/{session,apps}`` and ``POST /v1/proxy/tls-cert``: the MCP access
+  proxy's questions (:mod:`.mcp_access`), mTLS with the identity output of the proxy's bot.
 
 Every authenticated call is refused with 403 while a lock is in force on the
 bot or the instance, and a renewal that presents the wrong generation locks
@@ -43,12 +45,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import tbot_py
-from tbot_py.authservice import _sql, audit, ca, rbac, workload
+from tbot_py.authservice import _sql, audit, ca, mcp_access, rbac, workload
 from tbot_py.authservice.admin_api import AdminAPI, add_admin_routes
 from tbot_py.authservice.apps import (
     KIND_APP,
     KIND_DB,
     App,
+    AppStore,
     Database,
     app_not_found,
     database_not_found,
@@ -69,7 +72,12 @@ from tbot_py.authservice.idtoken import IDTokenRejected
 from tbot_py.authservice.instances_store import admit_instance
 from tbot_py.authservice.join_tokens import JoinToken, get_join_token
 from tbot_py.authservice.jwks import JWKSCache, check_id_token
-from tbot_py.authservice.mtls import BotCaller, check_bot_certificate
+from tbot_py.authservice.mtls import (
+    BotCaller,
+    check_bot_certificate,
+    check_mcp_client_certificate,
+    check_service_certificate,
+)
 from tbot_py.authservice.ratelimit import RateLimited, SourceRateLimiter
 from tbot_py.authservice.roles import NAME_RE, Role
 from tbot_py.authservice.roles_store import get_roles, role_not_found
@@ -90,6 +98,7 @@ MAX_BODY_BYTES = 64 * 1024
 VERIFIED_CALLERS = 1024
 
 Clock = Callable[[], datetime]
+CallerCheck = Callable[[bytes | None, ca.ClusterCAs, datetime], BotCaller]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
@@ -99,14 +108,20 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def p256_public_key(pem: bytes, what: str) -> keys.PublicKey:
+    """The P-256 public key in PKIX PEM field ``what``; BadParameter otherwise."""
+    try:
+        key = keys.load_public_key_pem(pem)
+    except IdentityError:
+        raise BadParameter(f"{what} is not a PEM ECDSA public key") from None
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise BadParameter(f"{what} must be an ECDSA P-256 key")
+    return key
+
+
 def requested_public_key(public_keys: wire.PublicKeys) -> keys.PublicKey:
     """The one P-256 key a request carries as PEM and as an SSH line; BadParameter otherwise."""
-    try:
-        tls_key = keys.load_public_key_pem(public_keys.tls)
-    except IdentityError:
-        raise BadParameter("public_tls_key is not a PEM ECDSA public key") from None
-    if not isinstance(tls_key.curve, ec.SECP256R1):
-        raise BadParameter("public_tls_key must be an ECDSA P-256 key")
+    tls_key = p256_public_key(public_keys.tls, "public_tls_key")
     # Clients write the SSH line as OpenSSH does: then equal text is the whole check, and
     # a second key parse and comparison is spared. Any other line is parsed below.
     fields = public_keys.ssh.strip().split(b" ")[:2]
@@ -136,7 +151,7 @@ def certificate_profile(bot: BotRecord, roles: Sequence[Role]) -> ca.BotProfile:
 
 
 class VerifiedCallers:
-    """Bot certificates that passed :func:`check_bot_certificate`, remembered by exact DER.
+    """Certificates that passed ``check`` (default :func:`check_bot_certificate`), by DER.
 
     A keep-alive connection presents the same certificate on every request. The check
     depends on the certificate, on the CAs (fixed for the life of the process) and on the
@@ -148,17 +163,24 @@ class VerifiedCallers:
     still checked in storage on every call.
     """
 
-    def __init__(self, cas: ca.ClusterCAs, size: int = VERIFIED_CALLERS) -> None:
+    def __init__(
+        self,
+        cas: ca.ClusterCAs,
+        size: int = VERIFIED_CALLERS,
+        *,
+        check: CallerCheck | None = None,
+    ) -> None:
         self._cas = cas
         self._size = size
+        self._check = check
         self._passed: dict[bytes, tuple[BotCaller, datetime]] = {}
 
     def check(self, der: bytes | None, now: datetime) -> BotCaller:
-        """As ``check_bot_certificate(der, cas, now)``; raises AccessDenied."""
+        """As ``check(der, cas, now)``; raises AccessDenied."""
         seen = self._passed.get(der) if der else None
         if seen is not None and seen[1] <= now < seen[0].not_after:
             return seen[0]
-        caller = check_bot_certificate(der, self._cas, now)
+        caller = (self._check or check_bot_certificate)(der, self._cas, now)
         assert der is not None  # the check refuses a missing certificate
         if len(self._passed) >= self._size:
             del self._passed[next(iter(self._passed))]  # the oldest
@@ -183,6 +205,10 @@ class AuthAPI:
         self.join_limiter = join_limiter if join_limiter is not None else SourceRateLimiter()
         self.audit_log = audit.AuditLog(audit.audit_log_path(cluster.data_dir))
         self.callers = VerifiedCallers(cluster.cas)
+        #: Services (the MCP access proxy) calling with a bot's identity output.
+        self.service_callers = VerifiedCallers(cluster.cas, check=check_service_certificate)
+        #: The certificates MCP clients presented to the proxy.
+        self.mcp_clients = VerifiedCallers(cluster.cas, check=check_mcp_client_certificate)
         #: The signing keys of OIDC issuers, fetched and cached for the delegated joins.
         self.issuer_keys = JWKSCache()
 
@@ -645,8 +671,119 @@ class AuthAPI:
         expires = ca.grant_expiry(requested, now, not_after=not_after)
         return chosen.spiffe_path(bot.name), expires
 
-    def _caller(self, request: web.Request, now: datetime, fields: dict[str, Any]) -> BotCaller:
-        caller = self.callers.check(_peer_certificate(request), now)
+    # -- the MCP access proxy (mTLS, a bot's identity output) ------------------------------
+
+    async def mcp_session(self, request: web.Request) -> web.Response:
+        """``POST /v1/proxy/mcp/session``: may the proxy's MCP client use this app, and a JWT.
+
+        The proxy's roles need the ``app_session``/``create`` rule. The client's
+        certificate names a bot that exists and is not locked; the roles in it that its
+        bot still holds decide (:func:`.mcp_access.check_session`).
+        """
+        with self._audit("proxy.mcp.session", request) as fields:
+            now = self.clock()
+            await self._service_caller(request, now, fields, mcp_access.SESSION_RULE_RESOURCE)
+            req = wire.MCPSessionRequest.from_json(await _read_json(request))
+            fields.update(resource=f"{KIND_APP}/{req.app[:253]}", app=req.app, allowed=False)
+            client, roles = await self._mcp_client(req.client_cert, now, fields)
+            stored = None
+            if req.config_app is None:
+                stored = await self._read(lambda conn: get_app(conn, req.app))
+            app = mcp_access.resolve_app(req.app, req.config_app, stored)
+            mcp_access.check_session(client, roles, app)
+            fields["allowed"] = True
+            expires, token = client.not_after, ""
+            if req.jwt:
+                claims = mcp_access.session_jwt_claims(
+                    issuer=self.issuer, client=client, roles=roles, app=app, now=now
+                )
+                token = workload.sign_jwt(self.cluster.workload.signing_key, claims)
+                expires = min(expires, datetime.fromtimestamp(claims["exp"], UTC))
+            fields["expires"] = wire.format_time(expires)
+        answer = wire.MCPSessionResponse(
+            user=client.identity.username,
+            bot=client.identity.bot_name,
+            roles=tuple(role.to_json() for role in roles),
+            app=app,
+            expires=expires,
+            jwt=token,
+        )
+        return web.json_response(answer.to_json())
+
+    async def mcp_apps(self, request: web.Request) -> web.Response:
+        """``POST /v1/proxy/mcp/apps``: the MCP apps the proxy's MCP client may reach."""
+        with self._audit("proxy.mcp.apps", request) as fields:
+            now = self.clock()
+            await self._service_caller(request, now, fields, mcp_access.SESSION_RULE_RESOURCE)
+            req = wire.MCPAppsRequest.from_json(await _read_json(request))
+            fields["resource"] = f"{KIND_APP}/*"
+            client, roles = await self._mcp_client(req.client_cert, now, fields)
+            stored = await self._read(AppStore.read_all)
+            apps = mcp_access.allowed_apps(client, roles, stored, req.config_apps)
+        answer = wire.MCPAppsResponse(
+            user=client.identity.username,
+            roles=tuple(role.to_json() for role in roles),
+            apps=apps,
+        )
+        return web.json_response(answer.to_json())
+
+    async def tls_server_cert(self, request: web.Request) -> web.Response:
+        """``POST /v1/proxy/tls-cert``: a TLS server certificate from the host CA.
+
+        Granted by the ``host_cert``/``create`` rule, as SSH host certificates are.
+        It never outlives the caller's certificate, its roles' ``max_session_ttl`` or 24h.
+        """
+        with self._audit("proxy.tls_cert", request) as fields:
+            now = self.clock()
+            fields["resource"] = "host_cert"
+            caller, roles = await self._service_caller(request, now, fields, "host_cert")
+            req = wire.TLSServerCertRequest.from_json(await _read_json(request))
+            fields["dns_names"] = ",".join(n[:64] for n in req.dns_names)[:512]
+            public_key = p256_public_key(req.public_key, "public_key")
+            limit = _output_limit(caller, roles, now)
+            expires = ca.grant_expiry(
+                req.expires or min(limit, now + ca.MAX_CERT_TTL), now, not_after=limit
+            )
+            cert = ca.issue_tls_server_certificate(
+                self.cluster.cas, public_key, names=req.dns_names, not_after=expires, now=now
+            )
+            fields["expires"] = wire.format_time(expires)
+        answer = wire.TLSServerCertResponse(
+            cert=cert.public_bytes(serialization.Encoding.PEM),
+            host_ca=self.cluster.cas.host.cert_pem,
+            user_ca=self.cluster.cas.user.cert_pem,
+        )
+        return web.json_response(answer.to_json())
+
+    async def _service_caller(
+        self, request: web.Request, now: datetime, fields: dict[str, Any], rule: str
+    ) -> tuple[BotCaller, list[Role]]:
+        """The calling service's identity and its roles, once they allow ``rule``/``create``."""
+        caller = self._caller(request, now, fields, self.service_callers)
+        bot, stored = await self._admit(caller, now, with_roles=True)
+        roles = mcp_access.counted_roles(caller.identity.groups, bot, stored)
+        if not rbac.check_rule(roles, rule, "create").allowed:
+            what = {"host_cert": "host certificates"}.get(rule, rule.replace("_", " ") + "s")
+            raise AccessDenied(f'bot "{bot.name}" may not create {what}')
+        return caller, roles
+
+    async def _mcp_client(
+        self, pem: bytes, now: datetime, fields: dict[str, Any]
+    ) -> tuple[BotCaller, list[Role]]:
+        """The MCP client behind the proxy and the roles that count for it."""
+        client = self.mcp_clients.check(mcp_access.client_certificate_der(pem), now)
+        fields["user"] = client.identity.username
+        bot, stored = await self._admit(client, now, with_roles=True)
+        return client, mcp_access.counted_roles(client.identity.groups, bot, stored)
+
+    def _caller(
+        self,
+        request: web.Request,
+        now: datetime,
+        fields: dict[str, Any],
+        callers: VerifiedCallers | None = None,
+    ) -> BotCaller:
+        caller = (callers or self.callers).check(_peer_certificate(request), now)
         fields.update(
             bot=caller.identity.bot_name,
             instance=caller.identity.bot_instance_id,
@@ -850,6 +987,9 @@ def create_app(
     app.router.add_post(wire.PATH_X509_SVID, api.x509_svid)
     app.router.add_post(wire.PATH_JWT_SVID, api.jwt_svid)
     app.router.add_post(wire.PATH_HOST_CERT, api.host_cert)
+    app.router.add_post(wire.PATH_MCP_SESSION, api.mcp_session)
+    app.router.add_post(wire.PATH_MCP_APPS, api.mcp_apps)
+    app.router.add_post(wire.PATH_TLS_SERVER_CERT, api.tls_server_cert)
     add_admin_routes(app, AdminAPI(cluster, clock, _read_json))
 
     async def close_jwks(_app: web.Application) -> None:

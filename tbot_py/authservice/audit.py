@@ -259,7 +259,20 @@ def emit(
 
 
 #: Call fields copied into ``details``; the rest is actor, resource or the server log only.
-_DETAILS = ("generation", "roles", "expires", "idempotent_retry", "join_method", "rejoin", "route")
+_DETAILS = (
+    "generation",
+    "roles",
+    "expires",
+    "idempotent_retry",
+    "join_method",
+    "rejoin",
+    "route",
+    # The MCP access proxy's calls: whose session, which app, the decision, the SANs asked.
+    "user",
+    "app",
+    "allowed",
+    "dns_names",
+)
 #: Details named by prefix: the identifying claims of an OIDC join (``claim.repository``).
 _DETAIL_PREFIXES = ("claim.",)
 

@@ -477,14 +477,7 @@ def issue_server_certificate(
     now: datetime,
 ) -> x509.Certificate:
     """The HTTPS server certificate, signed by the host CA, for ``hosts`` plus the defaults."""
-    sans: list[x509.GeneralName] = []
-    for host in dict.fromkeys([*hosts, *SERVER_DEFAULT_SANS]):
-        if not host:
-            continue
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
+    sans = _subject_alt_names([*hosts, *SERVER_DEFAULT_SANS])
     subject = x509.Name(
         [
             x509.NameAttribute(NameOID.COMMON_NAME, cas.cluster_name),
@@ -500,6 +493,69 @@ def issue_server_certificate(
         usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
         sans=sans,
     )
+
+
+#: A DNS name a TLS server certificate may carry: labels of letters, digits and '-',
+#: the first of which may be ``*``.
+_SERVER_DNS_NAME_RE = re.compile(
+    r"(\*|[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+)
+
+
+def issue_tls_server_certificate(
+    cas: ClusterCAs,
+    public_key: keys.PublicKey,
+    *,
+    names: Sequence[str],
+    not_after: datetime,
+    now: datetime,
+) -> x509.Certificate:
+    """A service's TLS server certificate (the MCP access proxy's), signed by the host CA.
+
+    Valid for exactly ``names`` (DNS names or IP addresses; the first is the subject
+    CN) and for serverAuth only. BadParameter for a name that is neither.
+    """
+    for name in names:
+        if _is_ip_address(name):
+            continue
+        if len(name) > 253 or not _SERVER_DNS_NAME_RE.fullmatch(name):
+            raise BadParameter(
+                f"{name[:64]!r} is neither a DNS name nor an IP address; "
+                "a server certificate names hosts as clients dial them"
+            )
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64]),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, cas.cluster_name),
+        ]
+    )
+    return _sign_leaf(
+        cas.host,
+        subject,
+        public_key,
+        not_after=not_after,
+        now=now,
+        usages=(ExtendedKeyUsageOID.SERVER_AUTH,),
+        sans=_subject_alt_names(names),
+    )
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _subject_alt_names(hosts: Iterable[str]) -> list[x509.GeneralName]:
+    """IP address SANs for addresses, DNS name SANs for the rest; no duplicates or blanks."""
+    return [
+        x509.IPAddress(ipaddress.ip_address(host)) if _is_ip_address(host) else x509.DNSName(host)
+        for host in dict.fromkeys(hosts)
+        if host
+    ]
 
 
 def _sign_leaf(

@@ -1,8 +1,11 @@
-"""The mTLS caller checks: a bot's own certificate, or an admin certificate.
+"""The mTLS caller checks: a bot's own certificate, a bot's identity output, or an admin's.
 
 The bot endpoints of :mod:`.app` (renew, certs, cas) call
 :func:`check_bot_certificate` on the client certificate TLS has already
-verified. It is pure: the caller passes the CAs and ``now``.
+verified. The access proxy's endpoints call :func:`check_service_certificate`
+on the proxy's certificate and :func:`check_mcp_client_certificate` on the
+certificate its MCP client presented. All are pure: the caller passes the CAs
+and ``now``.
 """
 
 from __future__ import annotations
@@ -79,4 +82,50 @@ def check_bot_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) 
         or identity.username != ca.bot_username(identity.bot_name)
     ):
         raise AccessDenied("client certificate is not a bot certificate")
+    return BotCaller(identity=identity, not_after=cert.not_valid_after_utc)
+
+
+def check_service_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
+    """Accept a current certificate of one of this cluster's bots: its own or an output.
+
+    What a service such as the access proxy presents: the identity output a bot keeps
+    fresh for it (impersonated by the bot itself) or the bot's own certificate. A
+    certificate routed to an app or a database is for that target only and is refused.
+    The roles that count are the certificate's groups the bot still holds; the caller
+    checks that against storage. Raises AccessDenied.
+    """
+    caller = _bot_identity(der, cas, now)
+    if caller.identity.route_to_app or caller.identity.db_service:
+        raise AccessDenied("a certificate routed to an app or a database can not be used here")
+    return caller
+
+
+def check_mcp_client_certificate(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
+    """Accept the certificate an MCP client presented to the access proxy.
+
+    As :func:`check_service_certificate`, except that a route to an app is kept for
+    the caller to compare with the app asked for; a database route is refused.
+    Messages say it is the MCP client's certificate. Raises AccessDenied.
+    """
+    try:
+        caller = _bot_identity(der, cas, now)
+    except AccessDenied as exc:
+        raise AccessDenied(f"MCP client: {exc.message}") from None
+    if caller.identity.db_service:
+        raise AccessDenied("MCP client: the certificate is routed to a database")
+    return caller
+
+
+def _bot_identity(der: bytes | None, cas: ca.ClusterCAs, now: datetime) -> BotCaller:
+    """A current user-CA certificate naming a bot, its instance and its own user."""
+    cert = _verified_client_certificate(der, cas, now)
+    identity = TLSIdentity.from_subject(cert.subject)
+    username = ca.bot_username(identity.bot_name)
+    if (
+        not identity.bot_name
+        or not identity.bot_instance_id
+        or identity.username != username
+        or identity.impersonator not in ("", username)
+    ):
+        raise AccessDenied("client certificate is not a bot identity")
     return BotCaller(identity=identity, not_after=cert.not_valid_after_utc)

@@ -218,7 +218,10 @@ class ImpersonateRule(_Strict):
 
 
 #: Resources and verbs a ``rules`` entry may name (Teleport's names; ``*`` is any).
-RULE_RESOURCES = frozenset({"host_cert", WILDCARD})
+#: ``host_cert``/``create`` signs SSH host certificates and TLS server certificates;
+#: ``app_session``/``create`` lets a service (the MCP access proxy) open app sessions
+#: for its clients.
+RULE_RESOURCES = frozenset({"app_session", "host_cert", WILDCARD})
 RULE_VERBS = frozenset({"create", WILDCARD})
 
 
@@ -237,7 +240,7 @@ def _check_rule_names(kind: str, known: frozenset[str]) -> Any:
 
 
 class ResourceRule(_Strict):
-    """A ``rules`` entry: ``verbs`` on ``resources``; ``host_cert``/``create`` signs host certs."""
+    """A ``rules`` entry: ``verbs`` on ``resources`` (see :data:`RULE_RESOURCES`)."""
 
     resources: Annotated[
         tuple[str, ...], AfterValidator(_check_rule_names("resource", RULE_RESOURCES))

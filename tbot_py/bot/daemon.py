@@ -286,12 +286,32 @@ class Daemon:
         log.info("SIGUSR1 received: renewing every credential now")
         now = self.clock()
         for name in self._tasks:
-            if name in self._next_runs:
-                # Its run has ended and booked the next one, which the scheduler's listener
-                # has not made yet: book it for now instead (else this signal would be lost).
-                self._next_runs[name] = now
-            elif self._scheduler is not None and self._scheduler.get_job(name) is not None:
-                self._schedule(name, now)
+            self._run_soon(name, now)
+
+    def _run_soon(self, name: str, now: datetime) -> None:
+        """Move the next run of ``name`` to ``now``; a task running now reschedules itself."""
+        if name in self._next_runs:
+            # Its run has ended and booked the next one, which the scheduler's listener
+            # has not made yet: book it for now instead (else the request would be lost).
+            self._next_runs[name] = now
+        elif self._scheduler is not None and self._scheduler.get_job(name) is not None:
+            self._schedule(name, now)
+
+    def _cut_short(self, output: Task, bot_not_after: datetime | None) -> bool:
+        """Whether ``output`` expires with the old bot identity before its next run can renew it.
+
+        Its certificate ends no later than the bot's previous one did (the auth service
+        caps it there), and its next run is due less than ``MIN_SPACING`` before that
+        end (or not booked at all). With lifetimes near ``MIN_SPACING`` this is what
+        would leave an expired certificate in the destination until the next run.
+        """
+        if output.not_after is None or bot_not_after is None or output.not_after > bot_not_after:
+            return False
+        due = self._next_runs.get(output.name)
+        job = self._scheduler.get_job(output.name) if self._scheduler is not None else None
+        if due is None and job is not None:
+            due = job.next_run_time
+        return due is None or due > output.not_after - schedule.MIN_SPACING
 
     async def _run_task(self, name: str) -> None:
         task = self._tasks.get(name)
@@ -337,7 +357,7 @@ class Daemon:
         now = self.clock()
         attempt = task.backoff.failures
         task.backoff = task.backoff.reset()
-        task.not_after = identity.not_after
+        previous_not_after, task.not_after = task.not_after, identity.not_after
         first = not task.succeeded_once
         task.succeeded_once = True
         if first or attempt:
@@ -376,10 +396,14 @@ class Daemon:
         elif task.name == BOT_TASK:
             # A fresh bot identity (after an outage, a re-join with a new token, a removed
             # lock) may be what failing outputs were missing: retry them now, not after
-            # their backoff or their slow fatal retry.
+            # their backoff or their slow fatal retry. An output the old identity cut short
+            # (no certificate outlives the bot's) is renewed now too, if it would otherwise
+            # expire before its next run.
             for output in self._tasks.values():
-                if output.name != BOT_TASK and output.backoff.failures:
-                    self._schedule(output.name, now)
+                if output.name != BOT_TASK and (
+                    output.backoff.failures or self._cut_short(output, previous_not_after)
+                ):
+                    self._run_soon(output.name, now)
         self._maybe_ready()
 
     def _on_failure(self, task: Task, exc: BaseException, duration: float) -> None:

@@ -30,6 +30,7 @@ _LAZY_COMMANDS = {
     "install": ("tbot_py.cli.install", "install"),
     "init": ("tbot_py.cli.init", "init"),
     "mcp": ("tbot_py.cli.mcp", "mcp"),
+    "mcp-proxy": ("tbot_py.cli.mcp_proxy", "mcp_proxy"),
 }
 
 

@@ -3,20 +3,31 @@
 ``mcp config`` prints the ``mcpServers`` entry that runs ``tbot-py mcp connect``
 for an app, or with ``--write`` merges it into Claude Desktop's or Cursor's config
 file (:mod:`tbot_py.mcp.clientconfig` holds the logic; the file I/O is here).
+
+``mcp connect`` is the stdio server an MCP client runs: it bridges to the access
+proxy (:mod:`tbot_py.mcp.connector`). ``mcp ls`` lists the apps the proxy lets the
+identity reach. Bad flags exit 2; an unreachable or refusing proxy exits 1.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
 import shutil
 import stat
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from tbot_py.errors import ConfigError
 from tbot_py.mcp import clientconfig
+
+if TYPE_CHECKING:
+    from tbot_py.mcp.connector import ProxyAddress
 
 #: The file a client config is created with; an existing file keeps its own mode.
 NEW_FILE_MODE = 0o600
@@ -85,6 +96,121 @@ def config(
     written, replaced = write_server_entry(path, name, entry)
     action = "replaced" if replaced else "added"
     click.echo(f"{written}: {action} MCP server {name!r}; restart the MCP client to load it.")
+
+
+_IDENTITY_OPTION = click.option(
+    "-i",
+    "--identity",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The bot's identity file (an identity output of tbot-py).",
+)
+_PROXY_OPTION = click.option(
+    "--proxy", required=True, metavar="HOST:PORT", help="Access proxy address."
+)
+_DEBUG_OPTION = click.option("-d", "--debug", is_flag=True, help="Verbose logs on stderr.")
+
+
+@mcp.command("connect")
+@click.argument("app")
+@_IDENTITY_OPTION
+@_PROXY_OPTION
+@_DEBUG_OPTION
+def connect(*, app: str, identity: Path, proxy: str, debug: bool) -> None:
+    """Bridge stdin/stdout to APP through the access proxy (an MCP client runs this).
+
+    Logs go to stderr. The identity file is re-read when tbot-py renews it, without
+    ending the MCP session.
+    """
+    from tbot_py.mcp import connector
+
+    _setup_logging(debug)
+    try:
+        clientconfig.check_app_name(app)
+        address = _proxy_address(proxy)
+    except ConfigError as exc:
+        _exit_bad_flags(exc)
+    code = asyncio.run(connector.connect_stdio(address, identity, app))
+    click.get_current_context().exit(code)
+
+
+@mcp.command("ls")
+@_IDENTITY_OPTION
+@_PROXY_OPTION
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+)
+@_DEBUG_OPTION
+def ls(*, identity: Path, proxy: str, output_format: str, debug: bool) -> None:
+    """List the MCP apps the access proxy lets this identity reach, and their tools."""
+    from tbot_py.mcp import connector
+
+    _setup_logging(debug)
+    try:
+        address = _proxy_address(proxy)
+    except ConfigError as exc:
+        _exit_bad_flags(exc)
+    answer = asyncio.run(connector.list_apps(address, identity))
+    apps = [a for a in answer.get("apps", []) if isinstance(a, dict)]
+    if output_format == "json":
+        click.echo(json.dumps(apps, indent=2))
+        return
+    if not apps:
+        click.echo(f"No MCP apps are available to {answer.get('user', 'this identity')}.")
+        return
+    from tbot_py.cli.auth._common import print_table
+
+    print_table(("NAME", "DESCRIPTION", "LABELS", "ALLOWED TOOLS"), app_rows(apps))
+
+
+def app_rows(apps: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+    """The ``mcp ls`` table rows: labels as k=v, denied tools as "except ..."."""
+    rows: list[tuple[str, ...]] = []
+    for app in apps:
+        labels = _object(app.get("labels"))
+        tools = _object(app.get("tools"))
+        allow = ",".join(str(t) for t in tools.get("allow") or []) or "(none)"
+        deny = ",".join(str(t) for t in tools.get("deny") or [])
+        rows.append(
+            (
+                str(app.get("name", "")),
+                str(app.get("description", "")),
+                ",".join(f"{k}={v}" for k, v in sorted(labels.items())),
+                f"{allow} except {deny}" if deny else allow,
+            )
+        )
+    return rows
+
+
+def _object(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _exit_bad_flags(exc: ConfigError) -> NoReturn:
+    """One line and exit 2, the code for bad flags (1 means the proxy failed)."""
+    click.echo(f"ERROR: {exc}", err=True)
+    click.get_current_context().exit(2)
+
+
+def _proxy_address(proxy: str) -> ProxyAddress:
+    from tbot_py.client._http1 import split_host_port
+    from tbot_py.mcp.connector import ProxyAddress
+
+    _check_proxy(proxy)
+    host, port = split_host_port(proxy)
+    return ProxyAddress(host, port)
+
+
+def _setup_logging(debug: bool) -> None:
+    """Logs on stderr only: stdout carries the MCP protocol. Warnings unless --debug."""
+    from tbot_py.cli.main import setup_logging
+
+    setup_logging(debug)
+    logging.getLogger().setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def write_server_entry(path: Path, name: str, entry: dict[str, object]) -> tuple[Path, bool]:

@@ -215,3 +215,29 @@ class AuthClient:
             wire.PATH_JWT_SVID, wire.JWTSVIDResponse.from_json, doc
         )
         return answer
+
+    async def mcp_session(self, request: wire.MCPSessionRequest) -> wire.MCPSessionResponse:
+        """Who an MCP client is and whether it may use an app (the access proxy's mTLS)."""
+        doc = await self._json("POST", wire.PATH_MCP_SESSION, request.to_json())
+        answer: wire.MCPSessionResponse = self._decode(
+            wire.PATH_MCP_SESSION, wire.MCPSessionResponse.from_json, doc
+        )
+        return answer
+
+    async def mcp_apps(self, request: wire.MCPAppsRequest) -> wire.MCPAppsResponse:
+        """The MCP apps an MCP client may reach (the access proxy's mTLS)."""
+        doc = await self._json("POST", wire.PATH_MCP_APPS, request.to_json())
+        answer: wire.MCPAppsResponse = self._decode(
+            wire.PATH_MCP_APPS, wire.MCPAppsResponse.from_json, doc
+        )
+        return answer
+
+    async def issue_tls_server_cert(
+        self, request: wire.TLSServerCertRequest
+    ) -> wire.TLSServerCertResponse:
+        """A TLS server certificate from the host CA for the access proxy (``host_cert`` rule)."""
+        doc = await self._json("POST", wire.PATH_TLS_SERVER_CERT, request.to_json())
+        answer: wire.TLSServerCertResponse = self._decode(
+            wire.PATH_TLS_SERVER_CERT, wire.TLSServerCertResponse.from_json, doc
+        )
+        return answer

@@ -7,7 +7,8 @@ authenticated by mTLS with the current bot certificate; they reuse Teleport's
 ``Certs`` shape so one decoder serves every issuing call.
 
 Encoding rules ("Go JSON"): byte fields are standard base64 with padding,
-times are RFC 3339 in UTC.
+times are RFC 3339 in UTC. The workload identity and MCP access proxy shapes, which
+are our own, carry PEM as plain JSON text instead.
 """
 
 from __future__ import annotations
@@ -557,3 +558,300 @@ class JWTSVIDResponse:
     def from_json(cls, doc: object) -> JWTSVIDResponse:
         obj = _object(doc)
         return cls(spiffe_id=_str(obj, "spiffe_id"), jwt=_str(obj, "jwt"))
+
+
+# --- MCP access proxy (mTLS with the proxy bot's identity output) --------------------------------
+
+#: ``POST``: who an MCP client is and whether it may open a session with one app.
+PATH_MCP_SESSION = "/v1/proxy/mcp/session"
+#: ``POST``: the MCP apps an MCP client may reach.
+PATH_MCP_APPS = "/v1/proxy/mcp/apps"
+#: ``POST``: the access proxy's TLS server certificate, signed by the host CA.
+PATH_TLS_SERVER_CERT = "/v1/proxy/tls-cert"
+
+MCP_APP_SOURCES = ("resource", "config")
+#: Most SANs a TLS server certificate request may ask for.
+MAX_SERVER_CERT_NAMES = 16
+
+
+def _present(obj: dict[str, Any], key: str, default: object) -> object:
+    """``obj[key]``, or ``default`` when it is missing or null (a wrong type stays wrong)."""
+    value = obj.get(key)
+    return default if value is None else value
+
+
+def _str_tuple(obj: dict[str, Any], key: str) -> tuple[str, ...]:
+    raw = _present(obj, key, [])
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise WireError(f"{key} must be a list of strings")
+    return tuple(raw)
+
+
+def _labels(obj: dict[str, Any], key: str) -> dict[str, str]:
+    raw = _present(obj, key, {})
+    if not isinstance(raw, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in raw.items()
+    ):
+        raise WireError(f"{key} must map strings to strings")
+    return dict(raw)
+
+
+def _pem(obj: dict[str, Any], key: str) -> bytes:
+    """A PEM field: JSON text, not base64."""
+    value = _str(obj, key)
+    if not value:
+        raise WireError(f"{key} must not be empty")
+    return value.encode()
+
+
+def _roles(obj: dict[str, Any]) -> tuple[dict[str, Any], ...]:
+    raw = _present(obj, "roles", [])
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise WireError("roles must be a list of JSON objects")
+    return tuple(raw)
+
+
+@dataclass(frozen=True)
+class MCPApp:
+    """An MCP app as the access proxy needs it: an app resource or one from the proxy's config.
+
+    ``uri`` is ``mcp+stdio://...``, ``mcp+http://...`` or ``mcp+https://...``;
+    ``headers`` are ``rewrite.headers`` as written (``Name: value``); ``command`` and
+    ``args`` start an ``mcp+stdio`` server.
+    """
+
+    name: str
+    uri: str
+    labels: dict[str, str] = field(default_factory=dict)
+    description: str = ""
+    headers: tuple[str, ...] = ()
+    command: str = ""
+    args: tuple[str, ...] = ()
+    source: str = "resource"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "uri": self.uri,
+            "labels": dict(self.labels),
+            "description": self.description,
+            "headers": list(self.headers),
+            "command": self.command,
+            "args": list(self.args),
+            "source": self.source,
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> MCPApp:
+        obj = _object(doc)
+        source = _str(obj, "source", required=False) or "resource"
+        if source not in MCP_APP_SOURCES:
+            raise WireError("source must be resource or config")
+        name, uri = _str(obj, "name"), _str(obj, "uri")
+        if not name or not uri:
+            raise WireError("an MCP app needs a name and a uri")
+        return cls(
+            name=name,
+            uri=uri,
+            labels=_labels(obj, "labels"),
+            description=_str(obj, "description", required=False),
+            headers=_str_tuple(obj, "headers"),
+            command=_str(obj, "command", required=False),
+            args=_str_tuple(obj, "args"),
+            source=source,
+        )
+
+
+def _mcp_apps(obj: dict[str, Any], key: str) -> tuple[MCPApp, ...]:
+    raw = _present(obj, key, [])
+    if not isinstance(raw, list):
+        raise WireError(f"{key} must be a list")
+    return tuple(MCPApp.from_json(item) for item in raw)
+
+
+@dataclass(frozen=True)
+class MCPSessionRequest:
+    """``POST /v1/proxy/mcp/session``: may the holder of ``client_cert`` use app ``app``?
+
+    ``client_cert`` is the PEM certificate the MCP client presented to the proxy;
+    ``config_app`` is the app's definition when it is in the proxy's config; ``jwt``
+    asks for a JWT for the app too.
+    """
+
+    client_cert: bytes
+    app: str
+    config_app: MCPApp | None = None
+    jwt: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "client_cert": self.client_cert.decode(),
+            "app": self.app,
+            "jwt": self.jwt,
+        }
+        if self.config_app is not None:
+            doc["config_app"] = self.config_app.to_json()
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> MCPSessionRequest:
+        obj = _object(doc)
+        app = _str(obj, "app")
+        if not app:
+            raise WireError("app must not be empty")
+        want_jwt = obj.get("jwt", False)
+        if not isinstance(want_jwt, bool):
+            raise WireError("jwt must be a boolean")
+        raw_config = obj.get("config_app")
+        return cls(
+            client_cert=_pem(obj, "client_cert"),
+            app=app,
+            config_app=None if raw_config is None else MCPApp.from_json(raw_config),
+            jwt=want_jwt,
+        )
+
+
+@dataclass(frozen=True)
+class MCPSessionResponse:
+    """Who the MCP client is, the roles that count (``Role.to_json()``), the app, and the end.
+
+    ``expires`` is when the proxy must end the session: the client certificate's
+    NotAfter, or the JWT's expiry when sooner. ``jwt`` is set when it was asked for.
+    """
+
+    user: str
+    bot: str
+    roles: tuple[dict[str, Any], ...]
+    app: MCPApp
+    expires: datetime
+    jwt: str = field(default="", repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "user": self.user,
+            "bot": self.bot,
+            "roles": list(self.roles),
+            "app": self.app.to_json(),
+            "expires": format_time(self.expires),
+        }
+        if self.jwt:
+            doc["jwt"] = self.jwt
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> MCPSessionResponse:
+        obj = _object(doc)
+        return cls(
+            user=_str(obj, "user"),
+            bot=_str(obj, "bot"),
+            roles=_roles(obj),
+            app=MCPApp.from_json(obj.get("app")),
+            expires=parse_time(obj.get("expires"), "expires"),
+            jwt=_str(obj, "jwt", required=False),
+        )
+
+
+@dataclass(frozen=True)
+class MCPAppsRequest:
+    """``POST /v1/proxy/mcp/apps``: the MCP apps the holder of ``client_cert`` may reach."""
+
+    client_cert: bytes
+    config_apps: tuple[MCPApp, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "client_cert": self.client_cert.decode(),
+            "config_apps": [app.to_json() for app in self.config_apps],
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> MCPAppsRequest:
+        obj = _object(doc)
+        return cls(client_cert=_pem(obj, "client_cert"), config_apps=_mcp_apps(obj, "config_apps"))
+
+
+@dataclass(frozen=True)
+class MCPAppsResponse:
+    """The MCP apps the client's roles may reach, sorted by name, and who the client is."""
+
+    user: str
+    roles: tuple[dict[str, Any], ...]
+    apps: tuple[MCPApp, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "user": self.user,
+            "roles": list(self.roles),
+            "apps": [app.to_json() for app in self.apps],
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> MCPAppsResponse:
+        obj = _object(doc)
+        return cls(user=_str(obj, "user"), roles=_roles(obj), apps=_mcp_apps(obj, "apps"))
+
+
+@dataclass(frozen=True)
+class TLSServerCertRequest:
+    """``POST /v1/proxy/tls-cert``: a server certificate for ``public_key`` (PKIX PEM, P-256).
+
+    ``dns_names`` are the DNS names and IP addresses for the SANs (1 to
+    :data:`MAX_SERVER_CERT_NAMES`).
+    """
+
+    public_key: bytes
+    dns_names: tuple[str, ...]
+    expires: datetime | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "public_key": self.public_key.decode(),
+            "dns_names": list(self.dns_names),
+        }
+        if self.expires is not None:
+            doc["expires"] = format_time(self.expires)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> TLSServerCertRequest:
+        obj = _object(doc)
+        names = obj.get("dns_names")
+        if (
+            not isinstance(names, list)
+            or not 0 < len(names) <= MAX_SERVER_CERT_NAMES
+            or not all(isinstance(n, str) and n for n in names)
+        ):
+            raise WireError(
+                f"dns_names must be a list of 1 to {MAX_SERVER_CERT_NAMES} non-empty strings"
+            )
+        return cls(
+            public_key=_pem(obj, "public_key"),
+            dns_names=tuple(names),
+            expires=_optional_expires(obj),
+        )
+
+
+@dataclass(frozen=True)
+class TLSServerCertResponse:
+    """The server certificate (PEM, host CA, serverAuth), the host CA and the user CA.
+
+    Client certificates must chain to ``user_ca``.
+    """
+
+    cert: bytes
+    host_ca: bytes
+    user_ca: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "cert": self.cert.decode(),
+            "host_ca": self.host_ca.decode(),
+            "user_ca": self.user_ca.decode(),
+        }
+
+    @classmethod
+    def from_json(cls, doc: object) -> TLSServerCertResponse:
+        obj = _object(doc)
+        return cls(
+            cert=_pem(obj, "cert"), host_ca=_pem(obj, "host_ca"), user_ca=_pem(obj, "user_ca")
+        )

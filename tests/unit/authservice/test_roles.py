@@ -131,7 +131,7 @@ def _replace(old: str, new: str) -> str:
          'role.yaml:19: spec.deny.rule: unknown key "rule"; did you mean "rules"?'),
         (_replace("    logins: [root]", "    rules: [{resources: [node], verbs: [create]}]"),
          'role.yaml:19: spec.deny.rules[0].resources: unknown resource "node" '
-         "(known: *, host_cert)"),
+         "(known: *, app_session, host_cert)"),
         (_replace("    logins: [root]", "    rules: [{resources: [host_cert], verbs: []}]"),
          "role.yaml:19: spec.deny.rules[0].verbs: a rule needs at least one verb"),
         (_replace("max_session_ttl: 8h", "max_session_ttl: 8 hours"),

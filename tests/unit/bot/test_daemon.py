@@ -564,6 +564,35 @@ def test_a_fresh_bot_identity_retries_failed_outputs_at_once(
     assert set(_files(tmp_path / "late")) >= IDENTITY_FILES
 
 
+def test_a_bot_renewal_renews_outputs_the_old_identity_cut_short_and_only_those(
+    service: RunningAuthService, token: str, tmp_path: Path
+) -> None:
+    """An output that would expire with the old bot identity before its next run is renewed
+    right after the bot; one that will be renewed in time keeps its schedule.
+
+    "short" pretends to hold a certificate the old identity capped to 5 s (its next run is
+    ~40 s away); "long" keeps the real one (capped near the bot's 2 min, run due well before).
+    """
+    outputs = {"short": (tmp_path / "short", ["dev"]), "long": (tmp_path / "long", ["dev"])}
+    daemon = _daemon(_config(service, token, outputs), FakeNotifier())
+
+    def last_success(name: str) -> object:
+        health = daemon.health.get(name)
+        return None if health is None else health.last_success
+
+    async def scenario() -> tuple[object, object]:
+        await _until(_healthy(daemon, BOT_TASK, "short", "long"), "first writes", START_TIMEOUT)
+        await _until(lambda: not daemon._next_runs, "the next runs to be scheduled")
+        before = last_success("short"), last_success("long")
+        daemon._tasks["short"].not_after = utc_now() + timedelta(seconds=5)
+        daemon._schedule(BOT_TASK, utc_now())
+        await _until(lambda: last_success("short") != before[0], "short to be renewed")
+        return before[1], last_success("long")
+
+    long_before, long_after = _drive(daemon, scenario)
+    assert long_after == long_before
+
+
 # -- the first renewal after a start or a recovery --------------------------------------
 
 
