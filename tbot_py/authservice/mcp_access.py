@@ -34,6 +34,8 @@ MCP_SCHEMES = ("mcp+stdio", "mcp+http", "mcp+https")
 SESSION_RULE_RESOURCE = "app_session"
 #: The longest a session JWT lives; never past the client's certificate either.
 JWT_TTL = timedelta(hours=1)
+#: How far ``nbf`` goes back, so an upstream whose clock is a little behind accepts it.
+JWT_CLOCK_SKEW = timedelta(minutes=1)
 
 
 def is_mcp_uri(uri: str) -> bool:
@@ -157,7 +159,7 @@ def session_jwt_claims(
         "bot": identity.bot_name,
         "roles": [role.name for role in roles],
         "iat": issued_at,
-        "nbf": issued_at,
+        "nbf": int((now - JWT_CLOCK_SKEW).timestamp()),
         "exp": int(min(client.not_after, now + JWT_TTL).timestamp()),
         "jti": uuid.uuid4().hex,
     }

@@ -27,7 +27,7 @@ from tbot_py.errors import ConfigError
 from tbot_py.mcp import clientconfig
 
 if TYPE_CHECKING:
-    from tbot_py.mcp.connector import ProxyAddress
+    from tbot_py.mcp.dial import ProxyAddress
 
 #: The file a client config is created with; an existing file keeps its own mode.
 NEW_FILE_MODE = 0o600
@@ -147,14 +147,14 @@ def connect(*, app: str, identity: Path, proxy: str, debug: bool) -> None:
 @_DEBUG_OPTION
 def ls(*, identity: Path, proxy: str, output_format: str, debug: bool) -> None:
     """List the MCP apps the access proxy lets this identity reach, and their tools."""
-    from tbot_py.mcp import connector
+    from tbot_py.mcp import dial
 
     _setup_logging(debug)
     try:
         address = _proxy_address(proxy)
     except ConfigError as exc:
         _exit_bad_flags(exc)
-    answer = asyncio.run(connector.list_apps(address, identity))
+    answer = asyncio.run(dial.list_apps(address, identity))
     apps = [a for a in answer.get("apps", []) if isinstance(a, dict)]
     if output_format == "json":
         click.echo(json.dumps(apps, indent=2))
@@ -198,7 +198,7 @@ def _exit_bad_flags(exc: ConfigError) -> NoReturn:
 
 def _proxy_address(proxy: str) -> ProxyAddress:
     from tbot_py.client._http1 import split_host_port
-    from tbot_py.mcp.connector import ProxyAddress
+    from tbot_py.mcp.dial import ProxyAddress
 
     _check_proxy(proxy)
     host, port = split_host_port(proxy)

@@ -1,9 +1,11 @@
-"""MCP access: what sits between an MCP client and an MCP server enrolled as an app.
+"""MCP access: MCP clients reach MCP servers enrolled as apps, through the access proxy.
 
-:mod:`.authz` is the pure authorization filter over JSON-RPC 2.0 messages: which
-``tools/call`` requests may reach the upstream server, which tools a ``tools/list``
-answer may show, the error a denied call gets, and the fields of its audit line.
-:mod:`.clientconfig` renders the ``mcpServers`` entry that makes an MCP client run
-``tbot-py mcp connect``. The access proxy and the stdio connector build on these.
-Importing this package loads none of its modules.
+The client side, light enough to start per session: :mod:`.connector` (the stdio bridge
+behind ``tbot-py mcp connect``, across identity renewals), :mod:`.dial` (mTLS to the
+proxy with an identity file, the hello) and :mod:`.clientconfig` (the ``mcpServers``
+entry ``tbot-py mcp config`` writes). Shared: :mod:`.tunnel`, the connector-to-proxy
+protocol. The proxy side: :mod:`.proxy` (``tbot-py mcp-proxy start``), its config
+(:mod:`.proxyconfig`), its own credentials (:mod:`.proxyauth`), the upstream MCP servers
+over stdio and streamable HTTP (:mod:`.upstream`) and the authorization filter over
+JSON-RPC messages (:mod:`.authz`). Importing this package loads none of its modules.
 """

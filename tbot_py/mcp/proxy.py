@@ -15,18 +15,19 @@ Who may do what is decided by the auth service, which the proxy asks as its own 
 Every client request and notification is checked (:mod:`.authz`) and audited
 (``mcp.request``); a denied ``tools/call`` is answered by the proxy and never reaches
 the upstream; ``tools/list`` answers are filtered. A session ends when either side
-closes, when the upstream exits, or at ``expires`` (the client certificate's NotAfter or
-the JWT's expiry), and is audited as ``mcp.session.start``/``mcp.session.end``.
+closes, when the upstream exits, at ``expires`` (the client certificate's NotAfter or
+the JWT's expiry), or when the auth service, asked again every ``session_recheck``,
+refuses it (a lock, say); it is audited as ``mcp.session.start``/``mcp.session.end``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
-import socket
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,13 +41,28 @@ from tbot_py.authservice.audit import AuditEvent, AuditLog, format_time
 from tbot_py.authservice.rbac import match_labels
 from tbot_py.authservice.roles import Role, role_from_data
 from tbot_py.authservice.server import format_host_port
-from tbot_py.client import tls, wire
-from tbot_py.client.http import AuthClient
-from tbot_py.errors import ClientError, Error, IdentityError, TrustError
-from tbot_py.identity import keys
-from tbot_py.identity.identityfile import read_identity_file
+from tbot_py.client import wire
+from tbot_py.errors import (
+    AccessDenied,
+    BadParameter,
+    ClientError,
+    Error,
+    IdentityError,
+    NotFound,
+    TrustError,
+)
 from tbot_py.identity.tlsid import TLSIdentity
 from tbot_py.mcp import authz, tunnel
+from tbot_py.mcp.proxyauth import (
+    IdentityAuth,
+    ProxyAuth,
+    ServerCert,
+    fetch_server_cert,
+    file_version,
+    load_server_cert,
+    server_context,
+    server_names,
+)
 from tbot_py.mcp.proxyconfig import ProxyConfig, rewrite_headers
 from tbot_py.mcp.upstream import Upstream, UpstreamError, open_upstream
 
@@ -60,19 +76,6 @@ RENEW_RETRY_S = 10.0
 STOP_TIMEOUT_S = 10.0
 _PARSE_ERROR = -32700
 _INVALID_REQUEST = -32600
-_UNSPECIFIED_HOSTS = ("", "0.0.0.0", "::")  # noqa: S104 - names, not a bind
-
-
-class ProxyAuth(Protocol):
-    """The three auth-service calls the proxy makes (:class:`IdentityAuth` in production)."""
-
-    async def mcp_session(self, request: wire.MCPSessionRequest) -> wire.MCPSessionResponse: ...
-
-    async def mcp_apps(self, request: wire.MCPAppsRequest) -> wire.MCPAppsResponse: ...
-
-    async def issue_tls_server_cert(
-        self, request: wire.TLSServerCertRequest
-    ) -> wire.TLSServerCertResponse: ...
 
 
 class OpenUpstream(Protocol):
@@ -85,141 +88,6 @@ class OpenUpstream(Protocol):
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-# --- the proxy's bot ---------------------------------------------------------------------
-
-
-def _file_version(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
-class IdentityAuth:
-    """The auth service, called with the proxy bot's identity file; re-read when it changes.
-
-    With ``ca_pins`` the auth service is verified only against the file's CAs that
-    match a pin; otherwise against all the file's CAs.
-    """
-
-    def __init__(self, addr: str, identity: str | Path, ca_pins: Sequence[str] = ()) -> None:
-        self.addr = addr
-        self.identity = Path(identity)
-        self.ca_pins = frozenset(pin.lower() for pin in ca_pins)
-        self._client: AuthClient | None = None
-        self._version: tuple[int, int, int] | None = None
-
-    async def _current(self) -> AuthClient:
-        version = _file_version(self.identity)
-        if self._client is not None and version == self._version:
-            return self._client
-        identity = read_identity_file(self.identity)
-        if not identity.private_key_pem or not identity.tls_cert_pem or not identity.tls_ca_pems:
-            raise IdentityError(
-                f"identity file {self.identity} needs a key, a TLS certificate and the TLS CAs"
-            )
-        client = AuthClient(
-            self.addr,
-            tls.mtls_context(
-                identity.tls_cert_pem, identity.private_key_pem, self._trusted(identity.tls_ca_pems)
-            ),
-        )
-        old, self._client, self._version = self._client, client, version
-        if old is not None:
-            log.info("identity file %s changed; using the new certificate", self.identity)
-            await old.close()
-        return client
-
-    def _trusted(self, ca_pems: tuple[bytes, ...]) -> tuple[bytes, ...]:
-        if not self.ca_pins:
-            return ca_pems
-        pinned = tuple(
-            pem
-            for pem in ca_pems
-            if keys.ca_pin(x509.load_pem_x509_certificate(pem)) in self.ca_pins
-        )
-        if not pinned:
-            raise TrustError(f"no CA in the identity file {self.identity} matches ca_pins")
-        return pinned
-
-    async def mcp_session(self, request: wire.MCPSessionRequest) -> wire.MCPSessionResponse:
-        return await (await self._current()).mcp_session(request)
-
-    async def mcp_apps(self, request: wire.MCPAppsRequest) -> wire.MCPAppsResponse:
-        return await (await self._current()).mcp_apps(request)
-
-    async def issue_tls_server_cert(
-        self, request: wire.TLSServerCertRequest
-    ) -> wire.TLSServerCertResponse:
-        return await (await self._current()).issue_tls_server_cert(request)
-
-    async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-
-# --- the server certificate --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ServerCert:
-    """The proxy's TLS server certificate and key, and the CA its clients must chain to."""
-
-    cert_pem: bytes
-    key_pem: bytes = field(repr=False)
-    user_ca_pem: bytes
-    not_before: datetime
-    not_after: datetime
-
-    @property
-    def renew_at(self) -> datetime:
-        """When to renew: 2/3 into the certificate's life."""
-        return self.not_before + (self.not_after - self.not_before) * 2 / 3
-
-
-def server_names(listen_host: str, public_hosts: Sequence[str]) -> tuple[str, ...]:
-    """The SANs to ask for: the listen host (the host name for a wildcard), then the others."""
-    first = socket.gethostname() if listen_host in _UNSPECIFIED_HOSTS else listen_host
-    return tuple(dict.fromkeys([first, *public_hosts]))
-
-
-async def fetch_server_cert(auth: ProxyAuth, names: Sequence[str]) -> ServerCert:
-    """A new key and a certificate for it from the auth service."""
-    key = keys.generate_private_key()
-    answer = await auth.issue_tls_server_cert(
-        wire.TLSServerCertRequest(
-            public_key=keys.public_key_pem(key.public_key()), dns_names=tuple(names)
-        )
-    )
-    cert = x509.load_pem_x509_certificate(answer.cert)
-    return ServerCert(
-        cert_pem=answer.cert,
-        key_pem=keys.private_key_pem(key),
-        user_ca_pem=answer.user_ca,
-        not_before=cert.not_valid_before_utc,
-        not_after=cert.not_valid_after_utc,
-    )
-
-
-def server_context(cert: ServerCert) -> ssl.SSLContext:
-    """TLS 1.2+, ALPN :data:`.tunnel.ALPN`, a client certificate from the user CA required."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.set_alpn_protocols([tunnel.ALPN])
-    ctx.num_tickets = 0  # no resumption: every connection presents its current certificate
-    load_server_cert(ctx, cert)
-    return ctx
-
-
-def load_server_cert(ctx: ssl.SSLContext, cert: ServerCert) -> None:
-    """Serve ``cert`` on new connections and trust its user CA (added to the ones known)."""
-    ctx.load_verify_locations(cadata=cert.user_ca_pem.decode())
-    tls.load_client_identity(ctx, cert.cert_pem, cert.key_pem)
 
 
 # --- pure helpers ------------------------------------------------------------------------
@@ -301,6 +169,8 @@ class _Session:
     expires: datetime
     writer: asyncio.StreamWriter
     audit: Callable[[str, bool, str | None, Mapping[str, str]], None]
+    #: What the auth service was asked; asked again (without a JWT) while the session lasts.
+    request: wire.MCPSessionRequest
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     tools_list_ids: set[str] = field(default_factory=set)
 
@@ -393,7 +263,7 @@ class MCPProxy:
     async def start(self) -> str:
         """Get the server certificate, listen, and return the bound ``host:port``."""
         names = server_names(self.config.listen_host, self.config.public_hosts)
-        identity_version = _file_version(Path(self.config.identity))
+        identity_version = file_version(Path(self.config.identity))
         cert = await fetch_server_cert(self._auth, names)
         ctx = server_context(cert)
         try:
@@ -442,7 +312,7 @@ class MCPProxy:
         while True:
             until_due = (cert.renew_at - self._clock()).total_seconds()
             await asyncio.sleep(max(0.0, min(IDENTITY_POLL_S, until_due)))
-            version = _file_version(path)
+            version = file_version(path)
             if version == identity_version and self._clock() < cert.renew_at:
                 continue
             try:
@@ -629,7 +499,8 @@ class MCPProxy:
         except BaseException:
             await upstream.close()
             raise
-        session = _Session(actor, answer.app, policy, answer.expires, writer, audit)
+        recheck = dataclasses.replace(request, jwt=False)
+        session = _Session(actor, answer.app, policy, answer.expires, writer, audit, recheck)
         return session, upstream
 
     async def _pump(
@@ -641,6 +512,7 @@ class MCPProxy:
             asyncio.create_task(session.from_client(reader, upstream)),
             asyncio.create_task(session.from_upstream(upstream)),
             asyncio.create_task(_expire(delay)),
+            asyncio.create_task(self._recheck(session)),
         ]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -657,6 +529,27 @@ class MCPProxy:
         if error is not None:
             raise error
         return finished.result()
+
+    async def _recheck(self, session: _Session) -> str:
+        """Ask the auth service again every ``session_recheck``; why access ended, if it did.
+
+        A lock on the bot, a role taken from it or the app removed ends the session
+        within one interval, as Teleport ends sessions a new lock covers. While the
+        auth service cannot be reached the session goes on (it still ends at
+        ``expires``), and the failure is logged.
+        """
+        interval = self.config.session_recheck.total_seconds()
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._auth.mcp_session(session.request)
+            except (AccessDenied, NotFound, BadParameter) as exc:
+                return f"access was revoked: {exc.message}"
+            except Error as exc:
+                log.warning(
+                    "cannot recheck the session of %s with app %s: %s",
+                    session.actor.get("user"), session.app.name, exc,
+                )  # fmt: skip
 
 
 def run_proxy(config: ProxyConfig, *, ready: Callable[[str], None]) -> None:

@@ -9,6 +9,7 @@
     ca_pins: []                       # optional: the identity file's host CA must match one
     identity: /opt/machine-id-proxy/identity   # the proxy bot's identity output
     audit_log: /var/log/tbot-py/mcp-audit.log  # JSON lines
+    session_recheck: 30s              # how often a live session's access is asked again
     apps:                             # optional; app resources on the auth service work too
       - name: weather
         uri: mcp+stdio://
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -33,12 +35,14 @@ from pydantic import AfterValidator, ValidationError, field_validator, model_val
 
 from tbot_py.authservice.apps import AppMetadata, AppSpec
 from tbot_py.authservice.errors import AuthServiceError
+from tbot_py.authservice.mcp_access import MCP_SCHEMES
 from tbot_py.authservice.roles import _Strict
 from tbot_py.authservice.server import parse_host_port
 from tbot_py.client import wire
 from tbot_py.config._checks import (
     Address,
     NonEmptyPath,
+    PositiveDuration,
     check_ca_pin,
     config_problem,
     read_text_file,
@@ -47,11 +51,11 @@ from tbot_py.config.loader import _parse_yaml, config_error_from_validation
 from tbot_py.errors import ConfigError
 
 VERSION = "v1"
-MCP_SCHEMES = ("mcp+stdio", "mcp+http", "mcp+https")
 #: The header templates the proxy fills in, both with the JWT the auth service signs.
 HEADER_TEMPLATES = ("{{internal.id_token}}", "{{internal.jwt}}")
 _TEMPLATE_RE = re.compile(r"\{\{.*?\}\}")
 _HOST_RE = re.compile(r"^[A-Za-z0-9:.][A-Za-z0-9.:\-_]*$")
+DEFAULT_SESSION_RECHECK = timedelta(seconds=30)
 #: Names for the server certificate besides the listen host (the auth service takes 16).
 MAX_PUBLIC_ADDRS = wire.MAX_SERVER_CERT_NAMES - 1
 
@@ -171,6 +175,8 @@ class ProxyConfig(_Strict):
     ca_pins: tuple[Annotated[str, AfterValidator(check_ca_pin)], ...] = ()
     identity: NonEmptyPath
     audit_log: NonEmptyPath
+    #: How often a live session's access is asked again: a lock, a removed role or app ends it.
+    session_recheck: PositiveDuration = DEFAULT_SESSION_RECHECK
     apps: tuple[ProxyApp, ...] = ()
 
     @field_validator("public_addr", mode="after")

@@ -193,6 +193,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             f"auth_server: {auth.addr}\n"
             f"identity: {identities['proxy']}\n"
             f"audit_log: {proxy_audit}\n"
+            "session_recheck: 1s\n"
             "apps:\n"
             "  - name: weather-stdio\n"
             "    description: stdio upstream\n"
@@ -252,20 +253,15 @@ async def tool_names(session: Any) -> set[str]:
     return {tool.name for tool in listed.tools}
 
 
-def denied_call(cluster: Cluster, bot: str, app: str, tool: str) -> str:
-    """Call ``tool`` and return the JSON-RPC error message the client got."""
+async def denied_call(session: Any, tool: str) -> str:
+    """Call ``tool`` in ``session`` and return the JSON-RPC error message the client got."""
     from mcp.shared.exceptions import McpError
 
-    async def steps(session: Any) -> str:
-        try:
-            result = await session.call_tool(tool, {"item_id": "42"})
-        except McpError as exc:
-            return str(exc.error.message)
-        raise AssertionError(f"{tool} was not denied: {result}")
-
-    message = with_session(cluster, bot, app, steps)
-    assert isinstance(message, str)
-    return message
+    try:
+        result = await session.call_tool(tool, {"item_id": "42"})
+    except McpError as exc:
+        return str(exc.error.message)
+    raise AssertionError(f"{tool} was not denied: {result}")
 
 
 # -- tests -------------------------------------------------------------------------------
@@ -276,16 +272,15 @@ def test_read_only_role_sees_and_calls_only_read_tools(cluster: Cluster, app: st
     log = cluster.stdio_log if app == "weather-stdio" else cluster.http_log
     before = len(calls(log))
 
-    async def steps(session: Any) -> tuple[set[str], str]:
+    async def steps(session: Any) -> tuple[set[str], str, str]:
         names = await tool_names(session)
         result = await session.call_tool("get_weather", {"city": "Lisbon"})
         assert not result.isError
-        return names, result.content[0].text
+        return names, result.content[0].text, await denied_call(session, "delete_item")
 
-    names, text = with_session(cluster, "ro", app, steps)
+    names, text, message = with_session(cluster, "ro", app, steps)
     assert names == READ_ONLY_TOOLS
     assert "Lisbon" in text
-    message = denied_call(cluster, "ro", app, "delete_item")
     assert "delete_item" in message
     assert "access denied" in message.lower()
     made = calls(log)[before:]
@@ -430,6 +425,39 @@ def test_calls_keep_working_for_a_minute_while_the_daemon_renews(cluster: Cluste
         and e.get("actor", {}).get("user") == "bot-agent-renew"
     ]
     assert len(starts) >= 4, "the connector did not move to new sessions"
+
+
+def test_locking_the_bot_ends_its_live_session(cluster: Cluster) -> None:
+    """The proxy asks again every second (``session_recheck``): a new lock ends the session."""
+    cluster.identities["lock"] = write_identity(cluster.auth, cluster.tmp, "agent-lock",
+                                                "mcp-read-only")  # fmt: skip
+
+    async def steps(session: Any) -> str:
+        result = await session.call_tool("get_weather", {"city": "Oslo"})
+        assert not result.isError
+        locked = run_tbot("auth", "locks", "add", "--bot", "agent-lock", "--message", "stolen",
+                          "--data-dir", str(cluster.auth.data_dir))  # fmt: skip
+        assert locked.returncode == 0, locked.stderr
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                result = await session.call_tool("get_weather", {"city": "Oslo"})
+            except Exception as exc:
+                return repr(exc)
+            if result.isError:
+                return str(result.content)
+            await asyncio.sleep(0.2)
+        raise AssertionError("tool calls still succeed 20 s after the lock")
+
+    failure = with_session(cluster, "lock", "weather-stdio", steps)
+    assert "access proxy" in failure or "lock" in failure.lower(), failure
+    ends = [
+        e["details"]["reason"]
+        for e in cluster.audit()
+        if e.get("event") == "mcp.session.end"
+        and e.get("actor", {}).get("user") == "bot-agent-lock"
+    ]
+    assert any(r.startswith("access was revoked") and "lock" in r.lower() for r in ends), ends
 
 
 def test_bad_proxy_config_is_one_line_and_exit_2(cluster: Cluster) -> None:

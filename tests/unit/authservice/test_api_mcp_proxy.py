@@ -342,7 +342,7 @@ def test_the_session_jwt_verifies_against_the_served_jwks(
     assert claims["sub"] == claims["username"] == "bot-agent"
     assert claims["bot"] == "agent"
     assert claims["roles"] == ["mcp-dev", "no-secrets"]
-    assert claims["iat"] == claims["nbf"] <= claims["exp"]
+    assert claims["nbf"] == claims["iat"] - 60 and claims["iat"] <= claims["exp"]
     assert len(claims["jti"]) == 32
     # A longer client certificate: the JWT lives one hour and the session ends with it.
     long = _output(client, agent_bot, expires=datetime.now(UTC) + timedelta(hours=3))

@@ -29,7 +29,7 @@ from tbot_py.cli.main import cli
 from tbot_py.errors import IdentityError
 from tbot_py.identity import keys
 from tbot_py.identity.identityfile import render_identity_file
-from tbot_py.mcp import connector, tunnel
+from tbot_py.mcp import connector, dial, tunnel
 from tests.unit.test_import_boundaries import loaded_modules
 
 T = TypeVar("T")
@@ -120,7 +120,7 @@ class FakeProxy:
         self.count = 0
         self.server: asyncio.Server | None = None
 
-    async def start(self) -> connector.ProxyAddress:
+    async def start(self) -> dial.ProxyAddress:
         cas = self.cluster.cas
         key = keys.generate_private_key()
         cert = ca.issue_server_certificate(
@@ -137,7 +137,7 @@ class FakeProxy:
             self._serve, "127.0.0.1", 0, ssl=ctx, limit=tunnel.stream_limit()
         )
         port = self.server.sockets[0].getsockname()[1]
-        return connector.ProxyAddress("127.0.0.1", port)
+        return dial.ProxyAddress("127.0.0.1", port)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -407,7 +407,7 @@ def test_invalid_json_from_the_client_gets_a_parse_error(cluster: Cluster) -> No
 
 
 async def connector_process(
-    address: connector.ProxyAddress, identity: Path
+    address: dial.ProxyAddress, identity: Path
 ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
@@ -482,21 +482,21 @@ def test_unreachable_proxy_is_exit_1_and_bad_flags_exit_2(cluster: Cluster) -> N
         port = server.sockets[0].getsockname()[1]
         server.close()
         await server.wait_closed()
-        await connector.open_tunnel(
-            connector.ProxyAddress("127.0.0.1", port), identity, tunnel.Hello(app=APP)
+        await dial.open_tunnel(
+            dial.ProxyAddress("127.0.0.1", port), identity, tunnel.Hello(app=APP)
         )
 
     unreachable_message = r"cannot reach the access proxy at 127\.0\.0\.1:"
-    with pytest.raises(connector.ProxyError, match=unreachable_message):
+    with pytest.raises(dial.ProxyError, match=unreachable_message):
         run(unreachable())
 
 
 def test_unusable_identity_file_is_one_line_without_its_content(cluster: Cluster) -> None:
     identity = cluster.dir / "identity"
     identity.write_bytes(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
-    address = connector.ProxyAddress("127.0.0.1", 1)
+    address = dial.ProxyAddress("127.0.0.1", 1)
     with pytest.raises(IdentityError) as caught:
-        run(connector.open_tunnel(address, identity, tunnel.Hello(app=APP)))
+        run(dial.open_tunnel(address, identity, tunnel.Hello(app=APP)))
     assert "c2VjcmV0" not in str(caught.value) and "\n" not in str(caught.value)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
@@ -24,19 +25,18 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from tbot_py.authservice import ca
 from tbot_py.authservice.roles import Role, parse_role_yaml
 from tbot_py.client import tls, wire
-from tbot_py.errors import NotFound, TrustError
+from tbot_py.errors import AccessDenied, ConnectionProblem, NotFound, TrustError
 from tbot_py.identity import keys
 from tbot_py.identity.identityfile import host_ca_line, render_identity_file
 from tbot_py.mcp import proxy as proxy_module
 from tbot_py.mcp import tunnel
-from tbot_py.mcp.proxy import (
+from tbot_py.mcp.proxy import MCPProxy, tool_patterns
+from tbot_py.mcp.proxyauth import (
     IdentityAuth,
-    MCPProxy,
     ServerCert,
     fetch_server_cert,
     server_context,
     server_names,
-    tool_patterns,
 )
 from tbot_py.mcp.proxyconfig import parse_proxy_config
 from tbot_py.mcp.upstream import Payload, UpstreamError
@@ -102,9 +102,13 @@ class FakeAuth:
     apps_requests: list[wire.MCPAppsRequest] = field(default_factory=list)
     cert_requests: list[wire.TLSServerCertRequest] = field(default_factory=list)
     cert_issued: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Raised by mcp_session from now on (a lock, say, or the service unreachable).
+    refusal: Exception | None = None
 
     async def mcp_session(self, request: wire.MCPSessionRequest) -> wire.MCPSessionResponse:
         self.session_requests.append(request)
+        if self.refusal is not None:
+            raise self.refusal
         app = request.config_app or self.resources.get(request.app)
         if app is None:
             raise NotFound(f'app "{request.app}" not found; create it', status=404)
@@ -297,12 +301,13 @@ def run(
     *,
     auth: FakeAuth | None = None,
     upstreams: Upstreams | None = None,
+    extra_config: str = "",
     **proxy_args: Any,
 ) -> Harness:
     """Start a proxy, run ``scenario`` against it (10 s at most), stop the proxy."""
     audit_path = tmp_path / "audit.jsonl"
     config = parse_proxy_config(
-        CONFIG.format(identity=tmp_path / "proxy-identity", audit=audit_path)
+        CONFIG.format(identity=tmp_path / "proxy-identity", audit=audit_path) + extra_config
     )
     holder: list[Harness] = []
 
@@ -494,6 +499,43 @@ def test_the_session_ends_when_the_client_certificate_expires(
     h = run(tmp_path, cas, scenario, auth=auth)
     (end,) = h.audit("mcp.session.end")
     assert end["details"]["reason"] == "the session expired"
+
+
+def test_a_session_the_auth_service_stops_allowing_ends_at_the_next_recheck(
+    tmp_path: Path, cas: ca.ClusterCAs
+) -> None:
+    auth = FakeAuth(cas)
+
+    async def scenario(h: Harness) -> None:
+        conn = await h.session()
+        assert (await conn.call(1, "tools/list"))["result"]["tools"]
+        auth.refusal = AccessDenied('bot "agent" is locked: laptop stolen', status=403)
+        assert await conn.receive() is None  # the proxy closed the connection
+        await h.upstreams.opened[0].closed.wait()
+
+    h = run(tmp_path, cas, scenario, auth=auth, extra_config="session_recheck: 50ms\n")
+    (end,) = h.audit("mcp.session.end")
+    assert end["details"]["reason"] == 'access was revoked: bot "agent" is locked: laptop stolen'
+    first, *rechecks = auth.session_requests
+    assert rechecks and all(r == dataclasses.replace(first, jwt=False) for r in rechecks)
+
+
+def test_an_unreachable_auth_service_does_not_end_a_session(
+    tmp_path: Path, cas: ca.ClusterCAs
+) -> None:
+    auth = FakeAuth(cas)
+
+    async def scenario(h: Harness) -> None:
+        conn = await h.session()
+        auth.refusal = ConnectionProblem("cannot reach the auth service: refused")
+        asked = len(auth.session_requests)
+        while len(auth.session_requests) < asked + 3:
+            await asyncio.sleep(0.01)
+        assert (await conn.call(1, "tools/list"))["result"]["tools"]
+
+    h = run(tmp_path, cas, scenario, auth=auth, extra_config="session_recheck: 20ms\n")
+    (end,) = h.audit("mcp.session.end")
+    assert not end["details"]["reason"].startswith("access was revoked")
 
 
 def test_the_session_ends_when_the_upstream_exits(tmp_path: Path, cas: ca.ClusterCAs) -> None:
