@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, Context, Row, machine
 
 #: Module names under bench/, in the order they run (cheap and quiet ones first).
-BENCHMARKS = ["oneshot", "certbot_peer", "issuance", "fanout", "idle", "fleet"]
+BENCHMARKS = ["oneshot", "certbot_peer", "issuance", "fanout", "idle", "mcp_access", "fleet"]
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

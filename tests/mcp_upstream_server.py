@@ -254,7 +254,9 @@ def announce_when_started(app: ASGIApp, url: str) -> ASGIApp:
 
 def serve_http(mcp: FastMCP, args: argparse.Namespace, log: CallLog) -> None:
     """Serve the streamable HTTP app on 127.0.0.1 (the socket listens before the ready line)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only then, and
+    # without it each answer's body waits ~40 ms for the client's delayed ACK.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", args.port))
     sock.listen(64)
