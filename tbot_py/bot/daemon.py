@@ -95,6 +95,8 @@ class Task:
     hooks: tuple[Hook, ...] = ()
     backoff: schedule.Backoff = field(default_factory=schedule.Backoff)
     not_after: datetime | None = None
+    #: When the current credential should be renewed at the latest (1/3 of its life left).
+    deadline: datetime | None = None
     succeeded_once: bool = False
     #: The directory and file names the watcher was last given for this output.
     watched: tuple[str, frozenset[str]] | None = None
@@ -298,20 +300,26 @@ class Daemon:
             self._schedule(name, now)
 
     def _cut_short(self, output: Task, bot_not_after: datetime | None) -> bool:
-        """Whether ``output`` expires with the old bot identity before its next run can renew it.
+        """Whether the old bot identity cut ``output`` so short that its next run comes late.
 
         Its certificate ends no later than the bot's previous one did (the auth service
-        caps it there), and its next run is due less than ``MIN_SPACING`` before that
-        end (or not booked at all). With lifetimes near ``MIN_SPACING`` this is what
-        would leave an expired certificate in the destination until the next run.
+        caps it there), and its next run is due past its renewal deadline: a lifetime
+        shorter than ``MIN_SPACING`` (the least time between two runs) leaves no other
+        choice, and without this the destination would hold an expired certificate
+        until that run.
         """
-        if output.not_after is None or bot_not_after is None or output.not_after > bot_not_after:
+        if (
+            output.not_after is None
+            or output.deadline is None
+            or bot_not_after is None
+            or output.not_after > bot_not_after
+        ):
             return False
         due = self._next_runs.get(output.name)
         job = self._scheduler.get_job(output.name) if self._scheduler is not None else None
         if due is None and job is not None:
             due = job.next_run_time
-        return due is None or due > output.not_after - schedule.MIN_SPACING
+        return due is None or due > output.deadline
 
     async def _run_task(self, name: str) -> None:
         task = self._tasks.get(name)
@@ -358,6 +366,7 @@ class Daemon:
         attempt = task.backoff.failures
         task.backoff = task.backoff.reset()
         previous_not_after, task.not_after = task.not_after, identity.not_after
+        task.deadline = schedule.renewal_deadline(identity.not_before, identity.not_after)
         first = not task.succeeded_once
         task.succeeded_once = True
         if first or attempt:

@@ -27,16 +27,10 @@ from tests.integration.conftest import (
     TBOT,
     AuthService,
     clean_env,
+    free_port,
     run_tbot,
     start_auth_service,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:

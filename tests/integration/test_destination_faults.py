@@ -28,11 +28,12 @@ from tests.integration.conftest import (
     AuthService,
     clean_env,
     error_lines,
+    free_port,
     run_tbot,
     snapshot,
     start_identity_args,
 )
-from tests.integration.test_daemon import Daemon, free_port, new_config, wait_for
+from tests.integration.test_daemon import Daemon, new_config, wait_for
 
 #: Root keeps its uid but loses what lets it ignore file modes, so mode bits apply to it.
 _NO_DAC = "-dac_override,-dac_read_search"

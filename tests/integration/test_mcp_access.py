@@ -16,8 +16,6 @@ import asyncio
 import json
 import os
 import selectors
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,9 +31,11 @@ from tests.integration.conftest import (
     TBOT,
     AuthService,
     clean_env,
+    free_port,
     run_tbot,
     start_auth_service,
     start_identity_args,
+    stop_process,
 )
 
 UPSTREAM = str(Path(__file__).parents[1] / "mcp_upstream_server.py")
@@ -74,13 +74,6 @@ spec:
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def read_ready_line(process: subprocess.Popen[str], what: str, timeout: float = 30) -> Any:
     """The one JSON line a child prints on stdout once it serves."""
     assert process.stdout is not None
@@ -93,18 +86,6 @@ def read_ready_line(process: subprocess.Popen[str], what: str, timeout: float = 
     if not line:
         raise AssertionError(f"{what} exited with {process.wait()} before ready")
     return json.loads(line)
-
-
-def stop(process: subprocess.Popen[str]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    if process.stdout is not None:
-        process.stdout.close()
 
 
 def calls(log: Path) -> list[dict[str, Any]]:
@@ -227,7 +208,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         )
     finally:
         for process in reversed(processes):
-            stop(process)
+            stop_process(process)
         auth.stop()
 
 
@@ -414,7 +395,7 @@ def test_calls_keep_working_for_a_minute_while_the_daemon_renews(cluster: Cluste
             )
         )
     finally:
-        stop(daemon)
+        stop_process(daemon)
     assert failures == []
     assert ok >= 100
     assert len(seen) >= 5, f"the identity changed only {len(seen)} times"
