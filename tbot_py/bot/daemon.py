@@ -69,6 +69,8 @@ WALL_CLOCK_TICK = timedelta(seconds=10)
 SHUTDOWN_GRACE = 30.0
 #: A client replaced by a renewal stays open this long for requests still using it.
 OLD_CLIENT_GRACE = 60.0
+#: A run due this close to its output's expiry comes too late (see ``Daemon._cut_short``).
+EXPIRY_MARGIN = timedelta(seconds=2)
 #: How many outputs renew at once. They share the bot's client: a bound lets a cycle of
 #: many outputs reuse a few kept-alive connections instead of opening one per output.
 OUTPUT_CONCURRENCY = 8
@@ -95,8 +97,6 @@ class Task:
     hooks: tuple[Hook, ...] = ()
     backoff: schedule.Backoff = field(default_factory=schedule.Backoff)
     not_after: datetime | None = None
-    #: When the current credential should be renewed at the latest (1/3 of its life left).
-    deadline: datetime | None = None
     succeeded_once: bool = False
     #: The directory and file names the watcher was last given for this output.
     watched: tuple[str, frozenset[str]] | None = None
@@ -300,26 +300,21 @@ class Daemon:
             self._schedule(name, now)
 
     def _cut_short(self, output: Task, bot_not_after: datetime | None) -> bool:
-        """Whether the old bot identity cut ``output`` so short that its next run comes late.
+        """Whether the old bot identity cut ``output`` so short that it expires before its next run.
 
         Its certificate ends no later than the bot's previous one did (the auth service
-        caps it there), and its next run is due past its renewal deadline: a lifetime
-        shorter than ``MIN_SPACING`` (the least time between two runs) leaves no other
-        choice, and without this the destination would hold an expired certificate
-        until that run.
+        caps it there), and its next run is due after that end, or less than
+        :data:`EXPIRY_MARGIN` before it: with lifetimes near ``MIN_SPACING`` (the least
+        time between two runs) the destination would otherwise hold an expired
+        certificate until that run.
         """
-        if (
-            output.not_after is None
-            or output.deadline is None
-            or bot_not_after is None
-            or output.not_after > bot_not_after
-        ):
+        if output.not_after is None or bot_not_after is None or output.not_after > bot_not_after:
             return False
         due = self._next_runs.get(output.name)
         job = self._scheduler.get_job(output.name) if self._scheduler is not None else None
         if due is None and job is not None:
             due = job.next_run_time
-        return due is None or due > output.deadline
+        return due is None or due > output.not_after - EXPIRY_MARGIN
 
     async def _run_task(self, name: str) -> None:
         task = self._tasks.get(name)
@@ -366,7 +361,6 @@ class Daemon:
         attempt = task.backoff.failures
         task.backoff = task.backoff.reset()
         previous_not_after, task.not_after = task.not_after, identity.not_after
-        task.deadline = schedule.renewal_deadline(identity.not_before, identity.not_after)
         first = not task.succeeded_once
         task.succeeded_once = True
         if first or attempt:

@@ -36,7 +36,6 @@ __all__ = [
     "classify",
     "first_renewal",
     "next_renewal",
-    "renewal_deadline",
     "retry_time",
 ]
 
@@ -119,17 +118,12 @@ def first_renewal(
     return earliest + (base - earliest) * rand
 
 
-def renewal_deadline(not_before: datetime, not_after: datetime) -> datetime:
-    """When a credential should be renewed at the latest: while 1/3 of its lifetime remains."""
-    lifetime = max(not_after - not_before, timedelta(0))
-    return not_after - lifetime / _REMAINING_FRACTION
-
-
 def _base_and_deadline(
     begun: datetime, not_before: datetime, not_after: datetime, renewal_interval: timedelta
 ) -> tuple[datetime, datetime]:
     """``(begun + renewal_interval, but never past the deadline; the deadline)``."""
-    deadline = renewal_deadline(not_before, not_after)
+    lifetime = max(not_after - not_before, timedelta(0))
+    deadline = not_after - lifetime / _REMAINING_FRACTION
     return min(begun + renewal_interval, deadline), deadline
 
 

@@ -77,10 +77,12 @@ class Upstream(Protocol):
 
 def open_upstream(app: wire.MCPApp, headers: Mapping[str, str], *, name_for_logs: str) -> Upstream:
     """The transport ``app.uri`` asks for (not started); ``headers`` apply to HTTP only."""
-    if app.uri.startswith(STDIO_SCHEME):
+    uri = app.uri.lower()  # schemes are case-insensitive (RFC 3986 §3.1)
+    if uri.startswith(STDIO_SCHEME):
         return StdioUpstream(app.command, app.args, name_for_logs=name_for_logs)
-    if app.uri.startswith(HTTP_SCHEMES):
-        return HttpUpstream(app.uri.removeprefix("mcp+"), headers, name_for_logs=name_for_logs)
+    if uri.startswith(HTTP_SCHEMES):
+        url = app.uri[len("mcp+") :]
+        return HttpUpstream(url, headers, name_for_logs=name_for_logs)
     raise UpstreamError(
         f'app "{name_for_logs}" has uri {app.uri!r}; an MCP app needs mcp+stdio://, '
         "mcp+http:// or mcp+https://"

@@ -570,9 +570,9 @@ def test_a_bot_renewal_renews_outputs_the_old_identity_cut_short_and_only_those(
     """An output that would expire with the old bot identity before its next run is renewed
     right after the bot; one that will be renewed in time keeps its schedule.
 
-    "short" pretends to hold a certificate the old identity capped to 5 s, due for renewal
-    now (its next run is ~40 s away); "long" keeps the real one (capped near the bot's 2 min,
-    its run due well before its deadline).
+    "short" pretends to hold a certificate the old identity capped to 5 s (its next run is
+    ~40 s away); "long" keeps the real one (capped near the bot's 2 min, its run due well
+    before that).
     """
     outputs = {"short": (tmp_path / "short", ["dev"]), "long": (tmp_path / "long", ["dev"])}
     daemon = _daemon(_config(service, token, outputs), FakeNotifier())
@@ -585,8 +585,7 @@ def test_a_bot_renewal_renews_outputs_the_old_identity_cut_short_and_only_those(
         await _until(_healthy(daemon, BOT_TASK, "short", "long"), "first writes", START_TIMEOUT)
         await _until(lambda: not daemon._next_runs, "the next runs to be scheduled")
         before = last_success("short"), last_success("long")
-        short = daemon._tasks["short"]
-        short.not_after, short.deadline = utc_now() + timedelta(seconds=5), utc_now()
+        daemon._tasks["short"].not_after = utc_now() + timedelta(seconds=5)
         daemon._schedule(BOT_TASK, utc_now())
         await _until(lambda: last_success("short") != before[0], "short to be renewed")
         return before[1], last_success("long")

@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tbot_py.client import wire
 from tbot_py.mcp.upstream import (
     INTERNAL_ERROR_CODE,
+    HttpUpstream,
     SSEDecoder,
     StdioUpstream,
     Upstream,
@@ -303,6 +304,13 @@ def test_stdio_app_without_command_is_refused_at_start() -> None:
     upstream = open_upstream(mcp_app("mcp+stdio://"), {}, name_for_logs="inventory")
     with pytest.raises(UpstreamError, match=r"mcp\.command"):
         asyncio.run(upstream.start())
+
+
+def test_uri_schemes_are_case_insensitive() -> None:
+    assert isinstance(open_upstream(mcp_app("MCP+STDIO://"), {}, name_for_logs="x"), StdioUpstream)
+    http = open_upstream(mcp_app("MCP+HTTPS://inventory.test/mcp"), {}, name_for_logs="x")
+    assert isinstance(http, HttpUpstream)
+    assert http._url == "HTTPS://inventory.test/mcp"
 
 
 def test_uri_that_is_not_mcp_is_refused() -> None:
