@@ -11,7 +11,8 @@ import json
 import logging
 import re
 import ssl
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from tbot_py import __version__
 from tbot_py.client import wire
@@ -29,6 +30,14 @@ from tbot_py.errors import (
 )
 
 T = TypeVar("T")
+
+
+class _Request(Protocol):
+    """A wire request: what it sends is its JSON."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
 log = logging.getLogger(__name__)
 
 _STATUS_ERRORS: dict[int, type[ClientError]] = {
@@ -150,7 +159,15 @@ class AuthClient:
         """Any other JSON endpoint (the CLI's admin commands use it): the decoded answer."""
         return await self._json(method, path, body)
 
-    def _decode(self, path: str, parse: Any, doc: object) -> Any:
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        parse: Callable[[object], T],
+        request: _Request | None = None,
+    ) -> T:
+        """Send ``request`` as JSON and ``parse`` the JSON answer; ProtocolError if it does not."""
+        doc = await self._json(method, path, None if request is None else request.to_json())
         try:
             return parse(doc)
         except wire.WireError as exc:
@@ -158,9 +175,7 @@ class AuthClient:
 
     async def ping(self) -> wire.PingResponse:
         """``GET /webapi/find``: cluster name, version and proxy addresses."""
-        doc = await self._json("GET", wire.PATH_FIND)
-        ping: wire.PingResponse = self._decode(wire.PATH_FIND, wire.PingResponse.from_json, doc)
-        return ping
+        return await self._call("GET", wire.PATH_FIND, wire.PingResponse.from_json)
 
     async def export_ca(self, ca_type: str) -> bytes:
         """``GET /webapi/auth/export?type=...``: public CA material, unauthenticated."""
@@ -168,76 +183,50 @@ class AuthClient:
 
     async def register_using_token(self, request: wire.RegisterUsingTokenRequest) -> wire.Certs:
         """The token join: trade a join token and a public key for a bot identity."""
-        doc = await self._json("POST", wire.PATH_JOIN, request.to_json())
-        certs: wire.Certs = self._decode(wire.PATH_JOIN, wire.Certs.from_json, doc)
-        return certs
+        return await self._call("POST", wire.PATH_JOIN, wire.Certs.from_json, request)
 
     async def renew_bot(self, request: wire.RenewRequest) -> wire.Certs:
         """Renew the bot's own identity (mTLS with the current bot certificate)."""
-        doc = await self._json("POST", wire.PATH_RENEW, request.to_json())
-        certs: wire.Certs = self._decode(wire.PATH_RENEW, wire.Certs.from_json, doc)
-        return certs
+        return await self._call("POST", wire.PATH_RENEW, wire.Certs.from_json, request)
 
     async def issue_impersonated(self, request: wire.ImpersonateRequest) -> wire.Certs:
         """Issue a short-lived identity for an output (mTLS with the bot certificate)."""
-        doc = await self._json("POST", wire.PATH_CERTS, request.to_json())
-        certs: wire.Certs = self._decode(wire.PATH_CERTS, wire.Certs.from_json, doc)
-        return certs
+        return await self._call("POST", wire.PATH_CERTS, wire.Certs.from_json, request)
 
     async def issue_host_cert(self, request: wire.HostCertRequest) -> wire.HostCertResponse:
         """Sign an SSH host certificate with the cluster's host CA (mTLS, ``ssh_host`` output)."""
-        doc = await self._json("POST", wire.PATH_HOST_CERT, request.to_json())
-        answer: wire.HostCertResponse = self._decode(
-            wire.PATH_HOST_CERT, wire.HostCertResponse.from_json, doc
+        return await self._call(
+            "POST", wire.PATH_HOST_CERT, wire.HostCertResponse.from_json, request
         )
-        return answer
 
     async def cert_authorities(self) -> list[wire.CertAuthority]:
         """The cluster's host, user and database CAs (public parts only)."""
-        doc = await self._json("GET", wire.PATH_CAS)
-        cas: list[wire.CertAuthority] = self._decode(
-            wire.PATH_CAS, wire.cert_authorities_from_json, doc
-        )
-        return cas
+        return await self._call("GET", wire.PATH_CAS, wire.cert_authorities_from_json)
 
     async def issue_x509_svid(self, request: wire.X509SVIDRequest) -> wire.X509SVIDResponse:
         """An X.509 SVID for a workload_identity the bot's roles allow, and the trust bundle."""
-        doc = await self._json("POST", wire.PATH_X509_SVID, request.to_json())
-        answer: wire.X509SVIDResponse = self._decode(
-            wire.PATH_X509_SVID, wire.X509SVIDResponse.from_json, doc
+        return await self._call(
+            "POST", wire.PATH_X509_SVID, wire.X509SVIDResponse.from_json, request
         )
-        return answer
 
     async def issue_jwt_svid(self, request: wire.JWTSVIDRequest) -> wire.JWTSVIDResponse:
         """A JWT-SVID for a workload_identity the bot's roles allow, for ``audiences``."""
-        doc = await self._json("POST", wire.PATH_JWT_SVID, request.to_json())
-        answer: wire.JWTSVIDResponse = self._decode(
-            wire.PATH_JWT_SVID, wire.JWTSVIDResponse.from_json, doc
-        )
-        return answer
+        return await self._call("POST", wire.PATH_JWT_SVID, wire.JWTSVIDResponse.from_json, request)
 
     async def mcp_session(self, request: wire.MCPSessionRequest) -> wire.MCPSessionResponse:
         """Who an MCP client is and whether it may use an app (the access proxy's mTLS)."""
-        doc = await self._json("POST", wire.PATH_MCP_SESSION, request.to_json())
-        answer: wire.MCPSessionResponse = self._decode(
-            wire.PATH_MCP_SESSION, wire.MCPSessionResponse.from_json, doc
+        return await self._call(
+            "POST", wire.PATH_MCP_SESSION, wire.MCPSessionResponse.from_json, request
         )
-        return answer
 
     async def mcp_apps(self, request: wire.MCPAppsRequest) -> wire.MCPAppsResponse:
         """The MCP apps an MCP client may reach (the access proxy's mTLS)."""
-        doc = await self._json("POST", wire.PATH_MCP_APPS, request.to_json())
-        answer: wire.MCPAppsResponse = self._decode(
-            wire.PATH_MCP_APPS, wire.MCPAppsResponse.from_json, doc
-        )
-        return answer
+        return await self._call("POST", wire.PATH_MCP_APPS, wire.MCPAppsResponse.from_json, request)
 
     async def issue_tls_server_cert(
         self, request: wire.TLSServerCertRequest
     ) -> wire.TLSServerCertResponse:
         """A TLS server certificate from the host CA for the access proxy (``host_cert`` rule)."""
-        doc = await self._json("POST", wire.PATH_TLS_SERVER_CERT, request.to_json())
-        answer: wire.TLSServerCertResponse = self._decode(
-            wire.PATH_TLS_SERVER_CERT, wire.TLSServerCertResponse.from_json, doc
+        return await self._call(
+            "POST", wire.PATH_TLS_SERVER_CERT, wire.TLSServerCertResponse.from_json, request
         )
-        return answer
